@@ -1,0 +1,1 @@
+"""Shared helpers of training and evaluation: configuration, metrics, losses, checkpoints, processes, logging."""

@@ -1,0 +1,33 @@
+"""The project logger: rank 0 talks to the console and the run's train.log, other ranks only warn."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOGGER_NAME = "scalematch"
+
+
+def setup_logger(run_dir: str | os.PathLike | None, rank: int) -> logging.Logger:
+    """Configure and return the 'scalematch' logger; calling it again replaces the handlers it set before.
+
+    Rank 0 logs INFO to stdout and, with a `run_dir`, appends to run_dir/train.log; other ranks log WARNING to stdout.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    # The root logger's handlers would print every record a second time.
+    logger.propagate = False
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logger.setLevel(level)
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    formatter = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if rank == 0 and run_dir is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log"), mode="a"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
