@@ -130,3 +130,13 @@ def test_find_latest_run_without_runs(tmp_path):
     assert find_latest_run(tmp_path / "absent") is None
     (tmp_path / "exp" / "empty_run").mkdir(parents=True)
     assert find_latest_run(tmp_path / "exp") is None
+
+
+def test_find_latest_run_in_dataset_split_layout(tmp_path):
+    older = tmp_path / "exp" / "pascal" / "1_16" / "default"
+    newer = tmp_path / "exp" / "synthetic" / "1_8" / "lr=0.01"
+    for run, stamp in ((older, 1_000_000_000), (newer, 2_000_000_000)):
+        run.mkdir(parents=True)
+        (run / "latest.pth").write_bytes(b"x")
+        os.utime(run / "latest.pth", (stamp, stamp))
+    assert find_latest_run(tmp_path / "exp") == newer

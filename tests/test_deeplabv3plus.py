@@ -157,7 +157,7 @@ def _config(**overrides):
 
 
 def test_build_model_from_config():
-    net = build_model(_config())
+    net = build_model(_config()).segmenter
     assert isinstance(net, DeepLabV3Plus)
     assert net.classifier.out_channels == 3
     assert net.backbone.layer4[0].conv2.dilation == (4, 4)

@@ -49,11 +49,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def find_latest_run(exp_dir: str | os.PathLike) -> Path | None:
-    """The run directory directly under `exp_dir` whose best.pth or latest.pth was written last, or None."""
+    """The run directory anywhere under `exp_dir` (runs live in exp/DATASET/SPLIT/NAME) whose best.pth or
+    latest.pth was written last, or None."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         return None
-    checkpoints = [file for name in ("best.pth", "latest.pth") for file in exp_dir.glob(f"*/{name}") if file.is_file()]
+    checkpoints = [file for name in ("best.pth", "latest.pth") for file in exp_dir.glob(f"**/{name}") if file.is_file()]
     if not checkpoints:
         return None
     return max(checkpoints, key=lambda file: (file.stat().st_mtime_ns, str(file))).parent

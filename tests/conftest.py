@@ -1,0 +1,43 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def write_voc_tree(root, names, size=(40, 48), nclass=21, seed=0):
+    """A tiny Pascal-layout dataset: JPEG images and palette PNG masks (with some 255 ignore pixels)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
+    os.makedirs(os.path.join(root, "SegmentationClass"), exist_ok=True)
+    palette = [value for index in range(256) for value in ((index * 37) % 256, (index * 91) % 256, (index * 53) % 256)]
+    for name in names:
+        mask = np.zeros(size, dtype=np.uint8)
+        for _ in range(3):
+            top, left = rng.integers(0, size[0] - 8), rng.integers(0, size[1] - 8)
+            mask[top:top + rng.integers(4, 20), left:left + rng.integers(4, 20)] = rng.integers(1, nclass)
+        mask[0, :4] = 255
+        image = (rng.integers(0, 40, (*size, 3)) + mask[..., None].astype(np.int64) * 9).clip(0, 255)
+        Image.fromarray(image.astype(np.uint8)).save(os.path.join(root, "JPEGImages", f"{name}.jpg"))
+        png = Image.fromarray(mask, mode="P")
+        png.putpalette(palette)
+        png.save(os.path.join(root, "SegmentationClass", f"{name}.png"))
+
+
+@pytest.fixture(scope="session")
+def tiny_voc(tmp_path_factory):
+    """(data_root, splits_dir) of a 12-image Pascal-layout dataset with split 'tiny' and a val set."""
+    base = tmp_path_factory.mktemp("tiny_voc")
+    root, splits = base / "VOC", base / "splits"
+    names = [f"img_{i:03d}" for i in range(12)]
+    write_voc_tree(str(root), names)
+    line = "JPEGImages/{0}.jpg SegmentationClass/{0}.png\n".format
+    (splits / "pascal" / "tiny").mkdir(parents=True)
+    (splits / "pascal" / "tiny" / "labeled.txt").write_text("".join(line(n) for n in names[:4]))
+    (splits / "pascal" / "tiny" / "unlabeled.txt").write_text("".join(line(n) for n in names[4:]))
+    (splits / "pascal" / "val.txt").write_text("".join(line(n) for n in names[8:]))
+    return str(root), str(splits)

@@ -1,0 +1,71 @@
+import torch
+import torch.nn.functional as F
+
+from util.inference import center_crop, predict_probs, predict_sliding_window, rescaled_predictor, window_starts
+
+
+def pointwise_predictor(nclass: int = 5):
+    """A 1x1-conv 'network': its prediction at a pixel depends on that pixel only, so any tiling is exact."""
+    torch.manual_seed(0)
+    weight = torch.randn(nclass, 3, 1, 1)
+    calls = []
+
+    def predict(images):
+        calls.append(images.shape)
+        return F.conv2d(images, weight)
+    return predict, calls
+
+
+def test_window_starts_cover_every_position_and_end_flush():
+    for length, window, stride in [(100, 30, 20), (33, 33, 22), (10, 32, 21), (801, 801, 534), (1025, 513, 342)]:
+        starts = window_starts(length, window, stride)
+        covered = torch.zeros(length, dtype=torch.bool)
+        for start in starts:
+            covered[start:start + window] = True
+        assert covered.all()
+        assert starts[0] == 0
+        assert min(length, starts[-1] + window) == length
+        assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+def test_sliding_window_equals_whole_image_for_pointwise_model():
+    predict, calls = pointwise_predictor()
+    images = torch.randn(2, 3, 50, 77)
+    whole = predict(images).softmax(dim=1)
+    tiled = predict_sliding_window(predict, images, crop_size=24, window_batch=3)
+    assert tiled.shape == (2, 5, 50, 77)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
+    # windows are batched: 3 windows x 2 images per call, except the last
+    assert calls[1][0] == 6
+
+
+def test_sliding_window_on_image_smaller_than_crop():
+    predict, _ = pointwise_predictor(nclass=3)
+    images = torch.randn(1, 3, 10, 12)
+    torch.testing.assert_close(predict_sliding_window(predict, images, crop_size=64),
+                               predict(images).softmax(dim=1))
+
+
+def test_predict_probs_modes_sum_to_one():
+    predict, _ = pointwise_predictor()
+    images = torch.randn(1, 3, 40, 40)
+    for mode in ("original", "center_crop", "sliding_window"):
+        probs = predict_probs(predict, images, mode, crop_size=16)
+        torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 40, 40))
+
+
+def test_center_crop_takes_the_middle():
+    images = torch.arange(100.).view(1, 1, 10, 10).expand(1, 3, 10, 10)
+    masks = torch.arange(100).view(1, 10, 10)
+    cropped, cropped_mask = center_crop(images, masks, crop_size=4)
+    assert cropped.shape == (1, 3, 4, 4) and cropped_mask.shape == (1, 4, 4)
+    assert cropped_mask[0, 0, 0].item() == 33
+    assert torch.equal(cropped[0, 0].long(), cropped_mask[0])
+
+
+def test_rescaled_predictor_returns_input_size():
+    predict, calls = pointwise_predictor()
+    images = torch.randn(1, 3, 30, 44)
+    out = rescaled_predictor(predict, 0.5)(images)
+    assert out.shape == (1, 5, 30, 44)
+    assert tuple(calls[-1][-2:]) == (15, 22)

@@ -1,0 +1,111 @@
+"""End to end on CPU through the user-facing commands: scripts/train.sh, resume, torchrun, eval.py."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+
+TINY = ["backbone=tv_resnet18", "pretrained=null", "crop_size=32", "batch_size=2", "iters_per_epoch=2",
+        "workers=0", "amp=false", "log_interval=1", "image_log_interval=1"]
+
+
+def run(command, check=True):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def train(tiny_voc, exp_dir, ngpus, *overrides, check=True):
+    data_root, splits_dir = tiny_voc
+    return run(["bash", "scripts/train.sh", "pascal", "tiny", str(ngpus), *TINY, f"data_root={data_root}",
+                f"splits_dir={splits_dir}", f"exp_dir={exp_dir}", *overrides], check=check)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_voc, tmp_path_factory):
+    """One semi-supervised epoch, then the same run continued to 2 epochs by rerunning it."""
+    exp_dir = tmp_path_factory.mktemp("exp")
+    first = train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=semi")
+    second = train(tiny_voc, exp_dir, 0, "epochs=2", "run_name=semi")
+    return exp_dir, os.path.join(exp_dir, "pascal", "tiny", "semi"), first, second
+
+
+def test_training_writes_run_directory(trained_run):
+    _, run_dir, first, _ = trained_run
+    for name in ("config.yaml", "train.log", "latest.pth", "best.pth"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    log = open(os.path.join(run_dir, "train.log")).read()
+    assert "mIoU" in log and "aeroplane" in log
+    assert "8 labeled (repeated), 8 unlabeled, 4 val samples, 21 classes" in log
+
+
+def test_rerun_resumes_from_latest(trained_run):
+    _, run_dir, _, second = trained_run
+    assert "resumed from" in second.stdout + second.stderr
+    state = torch.load(os.path.join(run_dir, "latest.pth"), map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1
+    assert state["iteration"] == 4
+    assert state["config"]["epochs"] == 2
+    assert set(state) >= {"model", "optimizer", "scaler", "best_miou"}
+
+
+def test_eval_on_checkpoint_saves_palette_predictions(trained_run, tmp_path):
+    _, run_dir, _, _ = trained_run
+    result = run([sys.executable, "eval.py", "--checkpoint", os.path.join(run_dir, "best.pth"),
+                  "--mode", "sliding_window", "--save-dir", str(tmp_path)])
+    assert "mIoU" in result.stdout and "background" in result.stdout
+    saved = sorted(os.listdir(tmp_path))
+    assert saved == [f"img_{i:03d}.png" for i in range(8, 12)]
+    picture = Image.open(tmp_path / saved[0])
+    assert picture.mode == "P" and picture.size == (48, 40)
+
+
+def test_eval_without_checkpoint_takes_newest_run(trained_run):
+    exp_dir, run_dir, _, _ = trained_run
+    result = run([sys.executable, "eval.py", "--exp-dir", str(exp_dir)])
+    assert os.path.join(run_dir, "best.pth") in result.stdout
+    assert "mIoU" in result.stdout
+
+
+def test_eval_scales_prints_one_miou_per_factor(trained_run):
+    _, run_dir, _, _ = trained_run
+    result = run([sys.executable, "eval.py", "--checkpoint", os.path.join(run_dir, "latest.pth"),
+                  "--scales", "0.5", "1.0", "2.0"])
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith(("0.50", "1.00", "2.00"))]
+    assert [row[0] for row in rows] == ["0.50", "1.00", "2.00"]
+
+
+def test_supervised_mode_trains(tiny_voc, tmp_path):
+    train(tiny_voc, tmp_path, 0, "epochs=1", "train_mode=supervised")
+    assert glob.glob(os.path.join(tmp_path, "pascal", "tiny", "*", "best.pth"))
+
+
+def test_two_process_torchrun_gloo(tiny_voc, tmp_path):
+    result = train(tiny_voc, tmp_path, 2, "epochs=1", "batch_size=1", "run_name=ddp")
+    run_dir = os.path.join(tmp_path, "pascal", "tiny", "ddp")
+    state = torch.load(os.path.join(run_dir, "latest.pth"), map_location="cpu", weights_only=True)
+    assert state["iteration"] == 2
+    assert "2 process(es)" in open(os.path.join(run_dir, "train.log")).read()
+    assert not any(key.startswith("module.") for key in state["model"])
+    assert result.returncode == 0
+
+
+def test_bad_override_is_one_line_error(tiny_voc, tmp_path):
+    result = train(tiny_voc, tmp_path, 0, "lrr=0.1", check=False)
+    assert result.returncode == 2
+    assert "lrr" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "pascal"))
+
+
+def test_train_sh_rejects_unknown_dataset():
+    result = run(["bash", "scripts/train.sh", "nosuchset", "1_16", "0"], check=False)
+    assert result.returncode == 2 and "configs/nosuchset.yaml" in result.stderr
