@@ -1,0 +1,181 @@
+"""Write split files (splits/DATASET/SPLIT/{labeled,unlabeled}.txt and splits/DATASET/val.txt) from a dataset tree.
+
+    python -m dataset.make_splits {pascal,cityscapes,synthetic} --data-root DIR [--seed 0] [--out splits]
+
+Deterministic from the seed. Each protocol shuffles its pool once and takes prefixes, so the labeled set of a
+smaller split is contained in that of every larger one. Unlabeled lines keep their mask path when the mask exists.
+"""
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+from dataset.errors import DatasetError
+
+PASCAL_COUNTS = (92, 183, 366, 732, 1464)
+FRACTIONS = {"1_16": 16, "1_8": 8, "1_4": 4, "1_2": 2}
+
+SplitFiles = dict[str, list[str]]  # file path relative to splits/DATASET -> its lines
+
+
+def _shuffled(items: list[str], seed: int) -> list[str]:
+    order = sorted(items)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _protocol(split_files: SplitFiles, name: str, labeled: list[str], unlabeled: list[str]) -> None:
+    if not unlabeled:
+        raise DatasetError(f"split {name} would have no unlabeled images")
+    split_files[f"{name}/labeled.txt"] = sorted(labeled)
+    split_files[f"{name}/unlabeled.txt"] = sorted(unlabeled)
+
+
+def fraction_splits(lines: list[str], seed: int) -> SplitFiles:
+    """1_16, 1_8, 1_4, 1_2: ceil(n / d) labeled lines drawn from lines, the rest unlabeled."""
+    order = _shuffled(lines, seed)
+    split_files: SplitFiles = {}
+    for name, divisor in FRACTIONS.items():
+        count = math.ceil(len(order) / divisor)
+        _protocol(split_files, name, order[:count], order[count:])
+    return split_files
+
+
+def _require_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise DatasetError(f"folder not found: {path}")
+    return path
+
+
+def _read_ids(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"image set not found: {path}")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"image set is empty: {path}")
+    return ids
+
+
+def _voc_lines(root: Path, ids: list[str], mask_dirs: tuple[str, ...]) -> dict[str, str]:
+    """id -> 'JPEGImages/id.jpg MASK_DIR/id.png' with the first of mask_dirs that holds the mask."""
+    lines = {}
+    for sample_id in ids:
+        image = f"JPEGImages/{sample_id}.jpg"
+        if not (root / image).is_file():
+            raise DatasetError(f"image not found: {root / image}")
+        mask = next((f"{folder}/{sample_id}.png" for folder in mask_dirs
+                     if (root / folder / f"{sample_id}.png").is_file()), None)
+        if mask is None:
+            raise DatasetError(f"mask of {sample_id} not found in {' or '.join(str(root / d) for d in mask_dirs)}")
+        lines[sample_id] = f"{image} {mask}"
+    return lines
+
+
+def pascal_splits(root: Path, seed: int) -> SplitFiles:
+    """Original protocol (92 ... 1464 labeled from the 1464 train images) and, with SegmentationClassAug, the
+    blended 1_16 ... 1_2 of the 10582 augmented set; val from ImageSets/Segmentation/val.txt."""
+    _require_dir(root / "JPEGImages")
+    sets_dir = _require_dir(root / "ImageSets/Segmentation")
+    has_aug = (root / "SegmentationClassAug").is_dir()
+    if not has_aug:
+        _require_dir(root / "SegmentationClass")
+    train_ids, val_ids = _read_ids(sets_dir / "train.txt"), _read_ids(sets_dir / "val.txt")
+    if has_aug and (sets_dir / "train_aug.txt").is_file():
+        aug_ids = _read_ids(sets_dir / "train_aug.txt")
+    elif has_aug:
+        excluded = set(val_ids)
+        aug_ids = sorted(path.stem for path in (root / "SegmentationClassAug").glob("*.png")
+                         if path.stem not in excluded)
+    else:
+        aug_ids = train_ids
+    # Training masks come from one source, the augmented set when present; val keeps the original annotation.
+    train_dirs = ("SegmentationClassAug", "SegmentationClass") if has_aug else ("SegmentationClass",)
+    train_lines = _voc_lines(root, sorted(set(train_ids) | set(aug_ids)), train_dirs)
+    val_lines = _voc_lines(root, val_ids, ("SegmentationClass", "SegmentationClassAug"))
+
+    split_files: SplitFiles = {}
+    order = _shuffled(train_ids, seed)
+    for count in PASCAL_COUNTS:
+        if count > len(order):
+            raise DatasetError(f"{sets_dir / 'train.txt'} lists {len(order)} images, fewer than {count}")
+        labeled = set(order[:count])
+        unlabeled = [train_lines[i] for i in aug_ids if i not in labeled]
+        if not unlabeled:
+            print(f"skipping pascal/{count}: without SegmentationClassAug no images are left unlabeled")
+            continue
+        _protocol(split_files, str(count), [train_lines[i] for i in labeled], unlabeled)
+    if has_aug:
+        split_files.update(fraction_splits([train_lines[i] for i in aug_ids], seed))
+    else:
+        print("skipping pascal 1_16 ... 1_2: they are drawn from the augmented set (SegmentationClassAug)")
+    split_files["val.txt"] = [val_lines[i] for i in val_ids]
+    return split_files
+
+
+def _cityscapes_lines(root: Path, subset: str) -> list[str]:
+    _require_dir(root / "leftImg8bit" / subset)
+    masks = sorted(_require_dir(root / "gtFine" / subset).glob("*/*_gtFine_labelTrainIds.png"))
+    if not masks:
+        raise DatasetError(f"no *_gtFine_labelTrainIds.png under {root / 'gtFine' / subset}; create them with "
+                           "cityscapesscripts' createTrainIdLabelImgs")
+    lines = []
+    for mask in masks:
+        mask_rel = mask.relative_to(root).as_posix()
+        image_rel = mask_rel.replace("gtFine/", "leftImg8bit/", 1).replace("_gtFine_labelTrainIds", "_leftImg8bit")
+        if not (root / image_rel).is_file():
+            raise DatasetError(f"image not found: {root / image_rel} (for {mask})")
+        lines.append(f"{image_rel} {mask_rel}")
+    return lines
+
+
+def cityscapes_splits(root: Path, seed: int) -> SplitFiles:
+    """1_16 ... 1_2 of the 2975 gtFine/train images; val from gtFine/val."""
+    split_files = fraction_splits(_cityscapes_lines(root, "train"), seed)
+    split_files["val.txt"] = _cityscapes_lines(root, "val")
+    return split_files
+
+
+def synthetic_lines(ids: list[str]) -> list[str]:
+    """Split lines of the synthetic dataset (VOC layout) for the given file stems."""
+    return [f"JPEGImages/{sample_id}.jpg SegmentationClass/{sample_id}.png" for sample_id in ids]
+
+
+def synthetic_splits(root: Path, seed: int) -> SplitFiles:
+    """1_16 ... 1_2 of the generated train images, val = the generated val images."""
+    sets_dir = root / "ImageSets/Segmentation"
+    split_files = fraction_splits(synthetic_lines(_read_ids(sets_dir / "train.txt")), seed)
+    split_files["val.txt"] = synthetic_lines(_read_ids(sets_dir / "val.txt"))
+    return split_files
+
+
+BUILDERS = {"pascal": pascal_splits, "cityscapes": cityscapes_splits, "synthetic": synthetic_splits}
+
+
+def write_splits(split_files: SplitFiles, out_dir: Path) -> None:
+    for rel_path, lines in split_files.items():
+        path = out_dir / rel_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{line}\n" for line in lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write semi-supervised split files from a dataset tree.")
+    parser.add_argument("dataset", choices=sorted(BUILDERS))
+    parser.add_argument("--data-root", required=True, help="dataset root the split paths are relative to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="splits", help="splits folder; files go to OUT/DATASET/")
+    args = parser.parse_args(argv)
+    root = Path(args.data_root).expanduser()
+    try:
+        split_files = BUILDERS[args.dataset](_require_dir(root), args.seed)
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}")
+    out_dir = Path(args.out) / args.dataset
+    write_splits(split_files, out_dir)
+    for rel_path, lines in split_files.items():
+        print(f"{out_dir / rel_path}: {len(lines)} lines")
+
+
+if __name__ == "__main__":
+    main()
