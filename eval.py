@@ -2,6 +2,7 @@
 
     python eval.py                                  # best.pth of the newest run under exp/
     python eval.py --checkpoint exp/pascal/1_16/default/best.pth --mode sliding_window --save-dir preds/
+    python eval.py --multiscale-cif --cif-scales 0.5 2.0   # multi-scale inference through the CIF gate
     python eval.py --scales 0.5 1.0 2.0             # mIoU with the input rescaled by each factor
 """
 import argparse
@@ -68,6 +69,23 @@ def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dt
     return metric
 
 
+def build_predictor(model, args) -> Callable:
+    """Single-scale, multi-scale through the CIF gate, or multi-scale softmax average; optionally with flips."""
+    if args.multiscale_cif and args.multiscale_avg:
+        raise SystemExit("error: choose one of --multiscale-cif and --multiscale-avg")
+    if args.multiscale_cif and model.cif is None:
+        raise SystemExit("error: --multiscale-cif needs a checkpoint trained with cif: true")
+    predict, scales = model.predict, [1.0]
+    if args.multiscale_cif:
+        def predict(images):
+            return model.predict_multiscale_cif(images, tuple(args.cif_scales))
+    elif args.multiscale_avg:
+        scales = [1.0] + args.cif_scales
+    if len(scales) > 1 or args.flip:
+        return averaged_predictor(predict, scales, args.flip)
+    return predict
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint to evaluate (default: best.pth of the newest run)")
@@ -78,10 +96,12 @@ def parse_args(argv=None):
     parser.add_argument("--save-dir", help="write predictions here as palette PNGs")
     parser.add_argument("--scales", type=float, nargs="+",
                         help="evaluate with the input rescaled by each factor; prints mIoU per factor")
+    parser.add_argument("--multiscale-cif", action="store_true",
+                        help="fuse the 1x prediction with each of --cif-scales in turn through the trained CIF gate")
     parser.add_argument("--multiscale-avg", action="store_true",
-                        help="average the softmax over 1.0 and --avg-scales (fixed-weight multi-scale inference)")
-    parser.add_argument("--avg-scales", type=float, nargs="+", default=[0.5, 2.0],
-                        help="extra scales for --multiscale-avg (default: 0.5 2.0)")
+                        help="average the softmax over 1x and --cif-scales (fixed-weight multi-scale, for comparison)")
+    parser.add_argument("--cif-scales", type=float, nargs="+", default=[0.5, 2.0],
+                        help="extra scales of the multi-scale modes (default: 0.5 2.0)")
     parser.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     return parser.parse_args(argv)
@@ -128,10 +148,7 @@ def main(argv=None) -> None:
             for scale, miou in results:
                 print(f"{scale:>11.2f}  {miou:.2f}")
     else:
-        predict = model.predict
-        if args.multiscale_avg or args.flip:
-            scales = [1.0] + (args.avg_scales if args.multiscale_avg else [])
-            predict = averaged_predictor(model.predict, scales, args.flip)
+        predict = build_predictor(model, args)
         metric = evaluate(predict, val_set, cfg, device, amp_dtype, rank, world_size, mode,
                           save_dir=args.save_dir, progress=rank == 0)
         if rank == 0:

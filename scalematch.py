@@ -27,7 +27,7 @@ from util.config import ConfigError, dump_config, load_config
 from util.dist import barrier, cleanup, init_distributed
 from util.logging import setup_logger
 from util.losses import OHEMCrossEntropy, masked_cross_entropy
-from util.metrics import format_iou_table
+from util.metrics import MeanIoU, format_iou_table
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -118,11 +118,14 @@ def labeled_criterion(cfg: dict) -> nn.Module:
     return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
 
-def pseudo_label_from(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence and argmax class of detached logits."""
-    probs = logits.detach().float().softmax(dim=1)
-    confidence, pseudo_label = probs.max(dim=1)
+def pseudo_label_from(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and class of each pixel from (detached) class probabilities."""
+    confidence, pseudo_label = probs.detach().max(dim=1)
     return confidence, pseudo_label
+
+
+def mean_probs(logits: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([p.detach().float().softmax(dim=1) for p in logits]).mean(dim=0)
 
 
 def cutmix_targets(box, pseudo_label, confidence, ignore_mask, partner):
@@ -131,6 +134,39 @@ def cutmix_targets(box, pseudo_label, confidence, ignore_mask, partner):
     return (torch.where(inside, partner["pseudo_label"], pseudo_label),
             torch.where(inside, partner["confidence"], confidence),
             torch.where(inside, partner["ignore_mask"], ignore_mask))
+
+
+def draw_scales(cfg: dict) -> tuple[tuple[float, ...], float | None]:
+    """This iteration's image scales v (one drawn, or all with mri) and feature scale t (None: no FP branch).
+    The paired rule shrinks features when the image was enlarged and vice versa (the released training logs)."""
+    uses_scaled_view = cfg["isvc"] or cfg["fusion"] != "none"
+    image_scales = tuple(cfg["img_scales"]) if cfg["mri"] else (random.choice(cfg["img_scales"]),)
+    image_scales = image_scales if uses_scaled_view else ()
+    if not cfg["fp"]:
+        return image_scales, None
+    if not cfg["fsvc"]:
+        return image_scales, 1.0
+    candidates = cfg["feature_scales"]
+    if cfg["feature_scale_rule"] == "paired" and len(image_scales) == 1:
+        if image_scales[0] > 1:
+            candidates = [t for t in candidates if t <= 1] or candidates
+        elif image_scales[0] < 1:
+            candidates = [t for t in candidates if t >= 1] or candidates
+    return image_scales, random.choice(candidates)
+
+
+def pseudo_label_source(cfg: dict, epoch: int) -> str:
+    """The 1x prediction ('none') during warm-up, the configured fusion afterwards."""
+    return "none" if epoch < cfg["warm_up"] else cfg["fusion"]
+
+
+def fused_probs(out: dict, fusion: str, first: int) -> torch.Tensor:
+    """Class probabilities of images [first:] after fusing the 1x and rescaled predictions."""
+    if fusion == "cif":
+        return mean_probs([p[first:] for p in out["pred_cif"]])
+    if fusion == "average":
+        return mean_probs([out["pred"][first:]] + [p[first:] for p in out["pred_scaled"]])
+    return mean_probs([out["pred"][first:]])
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
@@ -149,13 +185,83 @@ def log_pictures(writer, tag, images, panels, dataset: str, step: int, max_image
     writer.add_image(tag, make_grid(torch.cat(rows), nrow=min(max_images, len(images))), step)
 
 
+def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch, device, criterion_labeled,
+                           quality):
+    """The loss terms of one ScaleMatch step (FixMatch / UniMatch when isvc, fsvc and cif are off), and what
+    the logs show of it."""
+    image_x = labeled["image"].to(device, non_blocking=True)
+    mask_x = labeled["mask"].to(device, non_blocking=True)
+    image_w = unlabeled["image_weak"].to(device, non_blocking=True)
+    ignore_mask = unlabeled["ignore_mask"].to(device, non_blocking=True)
+    image_s = [s.to(device, non_blocking=True) for s in unlabeled["image_strong"]]
+    boxes = [b.to(device, non_blocking=True) for b in unlabeled["cutmix_box"]]
+    num_x = len(image_x)
+
+    # CutMix partner: its pseudo-label needs no graph, and eval mode keeps BN statistics clean.
+    with torch.no_grad():
+        model.eval()
+        partner_probs = model(partner_batch["image_weak"].to(device, non_blocking=True))["pred"].float().softmax(1)
+        model.train()
+    partner_confidence, partner_label = pseudo_label_from(partner_probs)
+    partner = {"pseudo_label": partner_label, "confidence": partner_confidence,
+               "ignore_mask": partner_batch["ignore_mask"].to(device, non_blocking=True)}
+    for view, box in enumerate(boxes):
+        partner_s = partner_batch["image_strong"][view].to(device, non_blocking=True)
+        image_s[view] = torch.where((box == 1).unsqueeze(1), partner_s, image_s[view])
+
+    # Labeled and weak unlabeled images in one pass: 1x, rescaled by v, perturbed features at t, CIF.
+    image_scales, feature_scale = draw_scales(cfg)
+    out = model(torch.cat((image_x, image_w)), feature_scale=feature_scale, image_scales=image_scales)
+    pred_s = model(torch.cat(image_s))["pred"].chunk(len(image_s))
+
+    confidence, pseudo_label = pseudo_label_from(fused_probs(out, pseudo_label_source(cfg, epoch), num_x))
+    confident = confidence >= cfg["conf_thresh"]
+
+    terms = {}
+    # L_s (Eq. 16): ground truth on the CIF-fused prediction, so CIF learns from labels; else on 1x.
+    if out["pred_cif"]:
+        terms["supervised"] = sum(criterion_labeled(p[:num_x], mask_x) for p in out["pred_cif"]) / len(image_scales)
+    else:
+        terms["supervised"] = criterion_labeled(out["pred"][:num_x], mask_x)
+    # L_strong: CutMix-ed strong views supervised by the weak pseudo-labels, averaged over views.
+    strong_losses = []
+    for view, box in enumerate(boxes):
+        label_mix, conf_mix, ignore_mix = cutmix_targets(box, pseudo_label, confidence, ignore_mask, partner)
+        strong_losses.append(masked_cross_entropy(pred_s[view], label_mix, conf_mix >= cfg["conf_thresh"], ignore_mix))
+    terms["strong"] = sum(strong_losses) / len(strong_losses)
+    # L_ISVC (Eq. 14): the view rescaled by v, resized back, supervised by the same pseudo-label.
+    if cfg["isvc"]:
+        terms["isvc"] = sum(masked_cross_entropy(p[num_x:], pseudo_label, confident, ignore_mask)
+                            for p in out["pred_scaled"]) / len(out["pred_scaled"])
+    # L_FSVC (Eq. 15): decoder on dropout-perturbed features resized by t (t = 1: UniMatch's FP).
+    if feature_scale is not None:
+        terms["fp"] = masked_cross_entropy(out["pred_fp"][num_x:], pseudo_label, confident, ignore_mask)
+
+    # Pseudo-label quality against the unlabeled ground truth, where it is on disk (Fig. 5).
+    truth = unlabeled["mask"].to(device, non_blocking=True)
+    quality["1x"].update(fused_probs(out, "none", num_x).argmax(1), truth)
+    if out["pred_scaled"]:
+        quality["average"].update(fused_probs(out, "average", num_x).argmax(1), truth)
+    if out["pred_cif"]:
+        quality["cif"].update(fused_probs(out, "cif", num_x).argmax(1), truth)
+
+    valid = ignore_mask != IGNORE_INDEX
+    extras = {"mask_ratio": (confident & valid).float().sum() / valid.float().sum().clamp(min=1)}
+    pictures = {"image_x": image_x, "mask_x": mask_x, "pred_x": out["pred"][:num_x], "image_w": image_w,
+                "truth_u": truth, "pred_w": out["pred"][num_x:],
+                "pseudo_label": torch.where(confident, pseudo_label, IGNORE_INDEX),
+                "gate": out["gate"][0][num_x:] if out["gate"] else None}
+    return terms, extras, pictures
+
+
 def train_one_epoch(model, optimizer, scaler, loaders, cfg, epoch, start_iter, total_iters, iters_per_epoch,
                     device, amp_dtype, writer, logger, is_main):
-    """One epoch of weak-to-strong training; returns the global iteration count at its end."""
+    """One epoch; returns the global iteration count at its end."""
     labeled_loader, unlabeled_loader, partner_loader = loaders
     criterion_labeled = labeled_criterion(cfg)
     semi = cfg["train_mode"] == "semi"
     weights = cfg["loss_weights"]
+    quality = {name: MeanIoU(cfg["nclass"], device=device) for name in ("1x", "average", "cif")}
     model.train()
     batches = zip(labeled_loader, unlabeled_loader, partner_loader) if semi else ((b, None, None) for b in labeled_loader)
     progress = tqdm(batches, total=iters_per_epoch, disable=not is_main, desc=f"epoch {epoch}", leave=False)
@@ -164,54 +270,18 @@ def train_one_epoch(model, optimizer, scaler, loaders, cfg, epoch, start_iter, t
     for step, (labeled, unlabeled, partner_batch) in enumerate(progress):
         if step >= iters_per_epoch:
             break
-        image_x = labeled["image"].to(device, non_blocking=True)
-        mask_x = labeled["mask"].to(device, non_blocking=True)
-        terms = {}
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            if not semi:
-                pred_x = model(image_x)["pred"]
-                terms["supervised"] = criterion_labeled(pred_x, mask_x)
+            if semi:
+                terms, extras, pictures = semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch,
+                                                                 device, criterion_labeled, quality)
             else:
-                image_w = unlabeled["image_weak"].to(device, non_blocking=True)
-                ignore_mask = unlabeled["ignore_mask"].to(device, non_blocking=True)
-                image_s = [s.to(device, non_blocking=True) for s in unlabeled["image_strong"]]
-                boxes = [b.to(device, non_blocking=True) for b in unlabeled["cutmix_box"]]
+                image_x = labeled["image"].to(device, non_blocking=True)
+                mask_x = labeled["mask"].to(device, non_blocking=True)
+                pred_x = model(image_x)["pred"]
+                terms, extras = {"supervised": criterion_labeled(pred_x, mask_x)}, {}
+                pictures = {"image_x": image_x, "mask_x": mask_x, "pred_x": pred_x}
 
-                # CutMix partner: its pseudo-label needs no graph, and eval mode keeps BN statistics clean.
-                partner_w = partner_batch["image_weak"].to(device, non_blocking=True)
-                with torch.no_grad():
-                    model.eval()
-                    partner_confidence, partner_label = pseudo_label_from(model(partner_w)["pred"])
-                    model.train()
-                partner = {"pseudo_label": partner_label, "confidence": partner_confidence,
-                           "ignore_mask": partner_batch["ignore_mask"].to(device, non_blocking=True)}
-                for view, box in enumerate(boxes):
-                    partner_s = partner_batch["image_strong"][view].to(device, non_blocking=True)
-                    inside = (box == 1).unsqueeze(1).expand_as(image_s[view])
-                    image_s[view] = torch.where(inside, partner_s, image_s[view])
-
-                # Weak view of labeled + unlabeled images in one pass, with the feature-perturbed decoder.
-                out = model(torch.cat((image_x, image_w)), feature_perturb=cfg["fp"])
-                pred_x, pred_w = out["pred"].split([len(image_x), len(image_w)])
-                pred_s = model(torch.cat(image_s))["pred"].chunk(len(image_s))
-
-                confidence, pseudo_label = pseudo_label_from(pred_w)
-                confident = confidence >= cfg["conf_thresh"]
-
-                # L_s: ground truth on labeled images.
-                terms["supervised"] = criterion_labeled(pred_x, mask_x)
-                # L_strong: strong views (CutMix-ed) supervised by weak pseudo-labels, averaged over views.
-                strong_losses = []
-                for view, box in enumerate(boxes):
-                    label_mix, conf_mix, ignore_mix = cutmix_targets(box, pseudo_label, confidence, ignore_mask, partner)
-                    strong_losses.append(masked_cross_entropy(pred_s[view], label_mix,
-                                                              conf_mix >= cfg["conf_thresh"], ignore_mix))
-                terms["strong"] = sum(strong_losses) / len(strong_losses)
-                # L_fp: perturbed-feature prediction of the unlabeled images, same pseudo-label.
-                if cfg["fp"]:
-                    pred_fp = out["pred_fp"][len(image_x):]
-                    terms["fp"] = masked_cross_entropy(pred_fp, pseudo_label, confident, ignore_mask)
-
+        # Total loss (Eq. 17): (L_s + sum of weighted unsupervised terms) / loss_divisor.
         loss = (terms["supervised"] + sum(weights[name] * value for name, value in terms.items()
                                           if name != "supervised")) / cfg["loss_divisor"]
         optimizer.zero_grad(set_to_none=True)
@@ -221,29 +291,41 @@ def train_one_epoch(model, optimizer, scaler, loaders, cfg, epoch, start_iter, t
         lr = set_poly_lr(optimizer, cfg, iteration + 1, total_iters)
         iteration += 1
 
-        terms["total"] = loss
-        if semi:
-            valid = (ignore_mask != IGNORE_INDEX).float().sum().clamp(min=1)
-            terms["mask_ratio"] = (confident & (ignore_mask != IGNORE_INDEX)).float().sum() / valid
-        for name, value in terms.items():
+        logged = {**terms, **extras, "total": loss}
+        for name, value in logged.items():
             running[name] = running.get(name, 0.0) + value.item()
         if is_main:
             progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            for name, value in terms.items():
+            for name, value in logged.items():
                 writer.add_scalar(f"train/{name}", value.item(), iteration)
             writer.add_scalar("train/lr", lr, iteration)
             if iteration % cfg["log_interval"] == 0:
                 logger.info(f"epoch {epoch} iter {iteration}/{total_iters} lr {lr:.2e} "
                             + " ".join(f"{k} {v / (step + 1):.4f}" for k, v in running.items()))
             if cfg["image_log_interval"] and iteration % cfg["image_log_interval"] == 0:
-                log_pictures(writer, "train/labeled (image, ground truth, prediction)", image_x,
-                             [mask_x, pred_x.argmax(1)], cfg["dataset"], iteration)
-                if semi:
-                    gt_u = unlabeled["mask"].to(device)
-                    log_pictures(writer, "train/unlabeled (image, ground truth, prediction, pseudo-label)", image_w,
-                                 [gt_u, pred_w.argmax(1), torch.where(confident, pseudo_label, IGNORE_INDEX)],
-                                 cfg["dataset"], iteration)
+                log_step_pictures(writer, pictures, cfg["dataset"], iteration)
+
+    if semi:
+        for meter in quality.values():
+            meter.all_reduce()
+        measured = {name: meter.miou() for name, meter in quality.items() if meter.target_area.sum() > 0}
+        if is_main and measured:
+            logger.info(f"epoch {epoch} pseudo-label mIoU on unlabeled images: "
+                        + ", ".join(f"{name} {value:.2f}" for name, value in measured.items()))
+            for name, value in measured.items():
+                writer.add_scalar(f"pseudo_label_miou/{name}", value, epoch)
     return iteration
+
+
+def log_step_pictures(writer, pictures: dict, dataset: str, step: int) -> None:
+    log_pictures(writer, "train/labeled (image, ground truth, prediction)", pictures["image_x"],
+                 [pictures["mask_x"], pictures["pred_x"].argmax(1)], dataset, step)
+    if "image_w" in pictures:
+        log_pictures(writer, "train/unlabeled (image, ground truth, prediction, confident pseudo-label)",
+                     pictures["image_w"], [pictures["truth_u"], pictures["pred_w"].argmax(1),
+                                           pictures["pseudo_label"]], dataset, step)
+    if pictures.get("gate") is not None:
+        writer.add_images("train/cif gate (weight of the 1x prediction)", pictures["gate"][:4].float().cpu(), step)
 
 
 def load_resume_state(path: str, model, optimizer, scaler, device):
@@ -322,7 +404,7 @@ def main(argv=None) -> None:
             if is_main:
                 logger.info(f"epoch {epoch} validation ({cfg['eval_mode']})\n"
                             + format_iou_table(class_names, metric.iou())
-                            + f"\nmIoU {miou:.2f} (best {best_miou:.2f})")
+                            + f"\nbest mIoU so far {best_miou:.2f}")
                 writer.add_scalar("eval/mIoU", miou, epoch)
                 for name, iou in zip(class_names, metric.iou().tolist()):
                     writer.add_scalar(f"eval/IoU/{name}", iou, epoch)

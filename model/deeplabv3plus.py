@@ -87,8 +87,11 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(HEAD_CHANNELS, nclass, kernel_size=1)
         # A module (not functional dropout) so that, as in UniMatch, the perturbation is active in train mode only.
         self.feature_dropout = nn.Dropout2d(0.5)
-        for head_module in (self.aspp, self.reduce, self.fuse, self.classifier):
+        for head_module in (self.aspp, self.reduce, self.fuse):
             init_conv_bn_(head_module)
+        # Small initial logits: a fan-out kaiming init over few classes starts with logits of magnitude ~10.
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features ``(low, high)``: c1 (stride 4) and c4."""

@@ -39,7 +39,7 @@ def test_defaults_fill_a_minimal_file(tmp_path):
     assert cfg["split"] == "1_16"
     assert cfg["epochs"] == 80 and cfg["iters_per_epoch"] is None
     assert cfg["scale_range"] == [0.5, 2.0]
-    assert cfg["loss_weights"] == {"strong": 0.5, "fp": 0.5}
+    assert cfg["loss_weights"] == {"strong": 0.25, "isvc": 0.25, "fp": 0.5}
     assert cfg["replace_stride_with_dilation"] == [False, False, True]
     assert set(cfg) == set(SCHEMA)
     assert type(cfg) is dict and type(cfg["loss_weights"]) is dict
@@ -85,7 +85,7 @@ def test_wrong_type_names_file_and_key(tmp_path, line, key):
 
 def test_section_must_be_a_mapping(tmp_path):
     message = error_of(tmp_path, MINIMAL + "loss_weights: 0.5\n")
-    assert "'loss_weights' must be a mapping with keys strong, fp, got float 0.5" in message
+    assert "'loss_weights' must be a mapping with keys strong, isvc, fp, got float 0.5" in message
 
 
 def test_number_for_a_string_key_asks_for_quotes(tmp_path):
@@ -181,12 +181,12 @@ def test_later_override_wins_and_beats_the_file(tmp_path):
 
 def test_nested_dotted_override_keeps_the_sibling(tmp_path):
     cfg = load(tmp_path, MINIMAL + "loss_weights:\n  fp: 0.3\n", ["loss_weights.strong=0.25"])
-    assert cfg["loss_weights"] == {"strong": 0.25, "fp": 0.3}
+    assert cfg["loss_weights"] == {"strong": 0.25, "isvc": 0.25, "fp": 0.3}
 
 
 def test_section_override_with_a_mapping(tmp_path):
     cfg = load(tmp_path, overrides=["loss_weights={fp: 1}"])
-    assert cfg["loss_weights"] == {"strong": 0.5, "fp": 1.0}
+    assert cfg["loss_weights"] == {"strong": 0.25, "isvc": 0.25, "fp": 1.0}
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -251,3 +251,16 @@ def test_a_new_section_is_validated_and_documented(tmp_path, monkeypatch):
 
 def test_relative_path_stays_relative(tmp_path):
     assert load(tmp_path)["data_root"] == os.path.join("data", "synthetic")
+
+
+def test_method_switch_combinations(tmp_path):
+    assert load(tmp_path)["fusion"] == "cif"
+    assert load(tmp_path, overrides=["cif=false"])["fusion"] == "none"
+    assert load(tmp_path, overrides=["cif=false", "fusion=average"])["fusion"] == "average"
+    with pytest.raises(ConfigError, match=r"'fusion: cif' needs cif: true"):
+        load(tmp_path, overrides=["cif=false", "fusion=cif"])
+    with pytest.raises(ConfigError, match=r"'fsvc' .* needs fp: true"):
+        load(tmp_path, overrides=["fp=false"])
+    with pytest.raises(ConfigError, match=r"'img_scales' must be list of 1 or more floats > 0, got list \[\]"):
+        load(tmp_path, overrides=["img_scales=[]"])
+    assert load(tmp_path, overrides=["img_scales=[2]"])["img_scales"] == [2.0]

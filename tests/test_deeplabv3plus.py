@@ -151,6 +151,7 @@ def _config(**overrides):
         "replace_stride_with_dilation": [False, True, True],
         "dilations": [6, 12, 18],
         "pretrained": None,
+        "cif": False,
     }
     cfg.update(overrides)
     return cfg

@@ -36,7 +36,7 @@ class Key:
     le: float | None = None
     lt: float | None = None
     item: type | None = None  # element type of a list; the bounds above apply to each element
-    length: int | None = None  # exact length of a list
+    length: int | None = None  # exact length of a list (None: any non-empty list)
     ascending: bool = False  # list elements must not decrease
     path: bool = False  # a filesystem path: a leading ~ is expanded
 
@@ -80,12 +80,30 @@ SCHEMA: dict[str, Key | Section] = {
     "ohem_min_kept": Key(int, "OHEM keeps at least this many hardest pixels per batch.", default=200000, ge=0),
     "conf_thresh": Key(float, "Pseudo-labels less confident than this stay out of the unsupervised loss.",
                        default=0.95, ge=0, le=1),
-    "strong_views": Key(int, "Strongly augmented views per unlabeled image.", default=2, choices=(1, 2)),
-    "fp": Key(bool, "Train the feature-perturbed branch (UniMatch FP).", default=True),
+    "strong_views": Key(int, "Strongly augmented views per unlabeled image.", default=1, choices=(1, 2)),
+    "fp": Key(bool, "Train the feature-perturbed branch (UniMatch FP; FSVC when fsvc is on).", default=True),
+    "isvc": Key(bool, "ScaleMatch ISVC: supervise the view rescaled by v with the pseudo-label.", default=True),
+    "fsvc": Key(bool, "ScaleMatch FSVC: resize the perturbed features by t (needs fp).", default=True),
+    "cif": Key(bool, "ScaleMatch CIF: learn a gate fusing the 1x and v predictions.", default=True),
+    "fusion": Key(str, "Pseudo-labels after warm-up from: cif, the average of 1x and v, or 1x alone "
+                  "(null: cif when cif is on, else none).", nullable=True, choices=("cif", "average", "none")),
+    "warm_up": Key(int, "Epochs whose pseudo-labels come from the 1x prediction before fusion takes over.",
+                   default=10, ge=0),
+    "img_scales": Key(list, "Image scales v; one is drawn per iteration (all at once with mri).",
+                      default=[0.25, 0.5, 1.5, 2.0], item=float, gt=0),
+    "mri": Key(bool, "Multi-resolution input: every scale of img_scales in every iteration (Table 5).",
+               default=False),
+    "feature_scales": Key(list, "Feature scales t of FSVC.", default=[0.75, 1.0, 1.25], item=float, gt=0),
+    "feature_scale_rule": Key(str, "paired: t <= 1 when v > 1 and t >= 1 when v < 1 (the released logs); "
+                              "random: any t.", default="paired", choices=("paired", "random")),
+    "cif_channels": Key(int, "Channels of CIF after the 1x1 reduction (the RWKV width).", default=32, ge=4),
+    "cif_blocks": Key(int, "Vision-RWKV blocks in CIF.", default=1, ge=1),
+    "cif_gate_channels": Key(int, "Channels of the gate's point-wise conv.", default=32, ge=1),
     "loss_weights": Section("Weights of the unsupervised loss terms.", {
-        "strong": Key(float, "Weight of the strong-view loss, shared equally by the strong views.", default=0.5,
+        "strong": Key(float, "Weight of the strong-view loss, shared equally by the strong views.", default=0.25,
                       ge=0),
-        "fp": Key(float, "Weight of the feature-perturbation loss.", default=0.5, ge=0),
+        "isvc": Key(float, "Weight of the ISVC loss.", default=0.25, ge=0),
+        "fp": Key(float, "Weight of the feature-branch loss (FSVC when fsvc is on).", default=0.5, ge=0),
     }),
     "loss_divisor": Key(float, "The total loss is (supervised + weighted unsupervised) / loss_divisor.", default=2.0,
                         gt=0),
@@ -189,7 +207,8 @@ def _describe(key: Key) -> str:
     if key.choices:
         text = "one of " + ", ".join(_yaml_text(c) for c in key.choices)
     elif key.type is list:
-        text = " ".join(filter(None, [f"list of {key.length} {key.item.__name__}s", _bounds(key)]))
+        count = key.length if key.length is not None else "1 or more"
+        text = " ".join(filter(None, [f"list of {count} {key.item.__name__}s", _bounds(key)]))
         if key.ascending:
             text += ", non-decreasing"
     else:
@@ -221,7 +240,8 @@ def _check_value(name: str, key: Key, value: Any, source: str) -> Any:
     if not _has_type(value, key.type):
         raise ConfigError(problem)
     if key.type is list:
-        if len(value) != key.length or not all(_has_type(v, key.item) for v in value):
+        wrong_length = len(value) != key.length if key.length is not None else not value
+        if wrong_length or not all(_has_type(v, key.item) for v in value):
             raise ConfigError(problem)
         if key.item is float:
             value = [float(v) for v in value]
@@ -278,9 +298,20 @@ def _with_defaults(values: dict, keys: dict[str, Key | Section], source: str, pr
     return complete
 
 
+def _check_combinations(cfg: dict, source: str) -> dict:
+    """Rules that tie keys together; resolves fusion: null."""
+    if cfg["fsvc"] and not cfg["fp"]:
+        raise ConfigError(f"{source}: 'fsvc' resizes the feature-perturbation branch, so it needs fp: true")
+    if cfg["fusion"] is None:
+        cfg["fusion"] = "cif" if cfg["cif"] else "none"
+    elif cfg["fusion"] == "cif" and not cfg["cif"]:
+        raise ConfigError(f"{source}: 'fusion: cif' needs cif: true")
+    return cfg
+
+
 def validate(cfg: dict, source: str) -> dict:
     """Check `cfg` against SCHEMA; return a new plain dict with defaults filled in and values normalised."""
-    return _with_defaults(_check_entries(cfg, SCHEMA, source), SCHEMA, source)
+    return _check_combinations(_with_defaults(_check_entries(cfg, SCHEMA, source), SCHEMA, source), source)
 
 
 def _merge(base: dict, update: dict) -> None:
@@ -367,3 +398,7 @@ def markdown_table() -> str:
     """Every key of SCHEMA as a Markdown table: key, default, allowed values, meaning."""
     header = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     return "\n".join(header + _table_rows(SCHEMA))
+
+
+if __name__ == "__main__":
+    print(markdown_table())
