@@ -7,13 +7,14 @@ import argparse
 import os
 import random
 import re
+import signal
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
@@ -22,12 +23,14 @@ from dataset.classes import CLASS_NAMES, palette
 from dataset.semi import DatasetError, build_datasets
 from eval import evaluate
 from model import build_model
+from model.backbone import PretrainedError
 from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from util.config import ConfigError, dump_config, load_config
-from util.dist import barrier, cleanup, init_distributed
+from util.dist import all_reduce_sum, barrier, cleanup, init_distributed
 from util.logging import setup_logger
 from util.losses import OHEMCrossEntropy, masked_cross_entropy
 from util.metrics import MeanIoU, format_iou_table
+from util.sampling import ResumableSampler, SeededDataset, rng_state, set_rng_state
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -64,27 +67,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def seed_worker(worker_id: int) -> None:
-    # Each worker's torch seed already differs (base seed + worker id); propagate it to Python and NumPy.
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def make_loader(dataset, cfg: dict, seed: int, world_size: int, rank: int, batch_size: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    else:
-        sampler = RandomSampler(dataset, generator=generator)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg["workers"],
-                      pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=seed_worker,
-                      generator=generator, persistent_workers=cfg["workers"] > 0)
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
+    """A shuffled loader whose order and augmentation can resume mid-epoch (util/sampling.py)."""
+    sampler = ResumableSampler(len(dataset), seed, rank, world_size)
+    # Its own generator: creating an iterator draws a worker seed, which must not consume the global stream.
+    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=cfg["workers"],
+                      pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=cfg["workers"] > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -254,21 +243,51 @@ def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch,
     return terms, extras, pictures
 
 
-def train_one_epoch(model, optimizer, scaler, loaders, cfg, epoch, start_iter, total_iters, iters_per_epoch,
-                    device, amp_dtype, writer, logger, is_main):
-    """One epoch; returns the global iteration count at its end."""
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written."""
+
+
+class NonFiniteLoss(Exception):
+    """A NaN or infinite loss with on_nonfinite_loss: stop."""
+
+
+class StopSignal:
+    """Remembers a SIGTERM (cluster pre-emption) so the loop can checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+
+def agree(flags: list[bool], world_size: int) -> list[bool]:
+    """Whether any process raised each flag, so that all processes take the same branch."""
+    if world_size == 1:
+        return flags
+    raised = torch.tensor([float(f) for f in flags])
+    return [bool(v) for v in all_reduce_sum(raised)]
+
+
+def train_one_epoch(model, optimizer, scaler, loaders, cfg, progress, iters_per_epoch, total_iters, device, amp_dtype,
+                    writer, logger, is_main, world_size, save_latest, stop):
+    """Train from ``progress['step']`` to the end of epoch ``progress['epoch']``, updating ``progress``."""
+    epoch = progress["epoch"]
     labeled_loader, unlabeled_loader, partner_loader = loaders
+    for loader in loaders:
+        loader.sampler.set_epoch(epoch, start=progress["step"] * cfg["batch_size"])
     criterion_labeled = labeled_criterion(cfg)
     semi = cfg["train_mode"] == "semi"
     weights = cfg["loss_weights"]
     quality = {name: MeanIoU(cfg["nclass"], device=device) for name in ("1x", "average", "cif")}
     model.train()
     batches = zip(labeled_loader, unlabeled_loader, partner_loader) if semi else ((b, None, None) for b in labeled_loader)
-    progress = tqdm(batches, total=iters_per_epoch, disable=not is_main, desc=f"epoch {epoch}", leave=False)
-    running = {}
-    iteration = start_iter
-    for step, (labeled, unlabeled, partner_batch) in enumerate(progress):
-        if step >= iters_per_epoch:
+    bar = tqdm(batches, total=iters_per_epoch - progress["step"], disable=not is_main, desc=f"epoch {epoch}",
+               leave=False)
+    running, counted = {}, 0
+    for labeled, unlabeled, partner_batch in bar:
+        if progress["step"] >= iters_per_epoch:
             break
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             if semi:
@@ -284,26 +303,49 @@ def train_one_epoch(model, optimizer, scaler, loaders, cfg, epoch, start_iter, t
         # Total loss (Eq. 17): (L_s + sum of weighted unsupervised terms) / loss_divisor.
         loss = (terms["supervised"] + sum(weights[name] * value for name, value in terms.items()
                                           if name != "supervised")) / cfg["loss_divisor"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        lr = set_poly_lr(optimizer, cfg, iteration + 1, total_iters)
-        iteration += 1
+        nonfinite, stop_requested = agree([not torch.isfinite(loss.detach()).item(), stop.received], world_size)
+        iteration = progress["iteration"] + 1
+        if nonfinite:
+            culprits = [name for name, value in terms.items() if not torch.isfinite(value.detach()).item()]
+            where = f"iteration {iteration} (epoch {epoch}): non-finite loss in {', '.join(culprits) or 'another process'}"
+            if cfg["on_nonfinite_loss"] == "stop":
+                raise NonFiniteLoss(f"{where}; the last checkpoint is left as it was "
+                                    "(set on_nonfinite_loss=skip to skip such steps)")
+            progress["skipped_steps"] += 1
+            logger.warning(f"{where}; step skipped ({progress['skipped_steps']} so far)")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        lr = set_poly_lr(optimizer, cfg, iteration, total_iters)
+        progress["iteration"] = iteration
+        progress["step"] += 1
 
-        logged = {**terms, **extras, "total": loss}
-        for name, value in logged.items():
-            running[name] = running.get(name, 0.0) + value.item()
-        if is_main:
-            progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        if not nonfinite:
+            counted += 1
+            logged = {**terms, **extras, "total": loss}
             for name, value in logged.items():
-                writer.add_scalar(f"train/{name}", value.item(), iteration)
-            writer.add_scalar("train/lr", lr, iteration)
-            if iteration % cfg["log_interval"] == 0:
-                logger.info(f"epoch {epoch} iter {iteration}/{total_iters} lr {lr:.2e} "
-                            + " ".join(f"{k} {v / (step + 1):.4f}" for k, v in running.items()))
-            if cfg["image_log_interval"] and iteration % cfg["image_log_interval"] == 0:
-                log_step_pictures(writer, pictures, cfg["dataset"], iteration)
+                running[name] = running.get(name, 0.0) + value.item()
+            if is_main:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                for name, value in logged.items():
+                    writer.add_scalar(f"train/{name}", value.item(), iteration)
+                writer.add_scalar("train/lr", lr, iteration)
+                if iteration % cfg["log_interval"] == 0:
+                    logger.info(f"epoch {epoch} iter {iteration}/{total_iters} lr {lr:.2e} "
+                                + " ".join(f"{k} {v / counted:.4f}" for k, v in running.items()))
+                if cfg["image_log_interval"] and iteration % cfg["image_log_interval"] == 0:
+                    log_step_pictures(writer, pictures, cfg["dataset"], iteration)
+
+        if stop_requested:
+            save_latest()
+            raise Preempted(f"SIGTERM: checkpoint written at iteration {iteration}; rerun the same command to resume")
+        # The epoch's last step is saved after its evaluation instead, so a resume never skips that evaluation.
+        interval = cfg["checkpoint_interval"]
+        if interval and iteration % interval == 0 and progress["step"] < iters_per_epoch:
+            save_latest()
 
     if semi:
         for meter in quality.values():
@@ -314,7 +356,6 @@ def train_one_epoch(model, optimizer, scaler, loaders, cfg, epoch, start_iter, t
                         + ", ".join(f"{name} {value:.2f}" for name, value in measured.items()))
             for name, value in measured.items():
                 writer.add_scalar(f"pseudo_label_miou/{name}", value, epoch)
-    return iteration
 
 
 def log_step_pictures(writer, pictures: dict, dataset: str, step: int) -> None:
@@ -328,12 +369,42 @@ def log_step_pictures(writer, pictures: dict, dataset: str, step: int) -> None:
         writer.add_images("train/cif gate (weight of the 1x prediction)", pictures["gate"][:4].float().cpu(), step)
 
 
-def load_resume_state(path: str, model, optimizer, scaler, device):
+# Keys that define the experiment: resuming a run with any of them changed would mix two experiments.
+EXPERIMENT_KEYS = ("dataset", "split", "nclass", "train_mode", "backbone", "replace_stride_with_dilation",
+                   "dilations", "cif", "cif_channels", "cif_blocks", "cif_gate_channels")
+
+
+def check_resume_config(saved: dict, cfg: dict, path: str, logger) -> None:
+    for key in EXPERIMENT_KEYS:
+        if saved.get(key) != cfg[key]:
+            raise CheckpointError(f"{path}: refusing to resume: '{key}' was {saved.get(key)!r}, now {cfg[key]!r}; "
+                                  "that is another experiment, so give it another run_name")
+    changed = sorted(key for key in cfg if key not in EXPERIMENT_KEYS and saved.get(key) != cfg[key])
+    if changed:
+        logger.warning(f"resuming {path} with changed settings: "
+                       + ", ".join(f"{key} {saved.get(key)!r} -> {cfg[key]!r}" for key in changed))
+
+
+def checkpoint_state(net, optimizer, scaler, cfg: dict, progress: dict, miou=None) -> dict:
+    return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "config": cfg, "rng": rng_state(), "miou": miou, **progress}
+
+
+def resume(path: str, net, optimizer, scaler, cfg: dict, device, iters_per_epoch: int, logger) -> dict:
+    """Restore a run from ``path``; returns where to continue (epoch, step within it, iteration, best mIoU)."""
     state = load_checkpoint(path, map_location=device)
-    model.load_state_dict(state["model"])
+    check_resume_config(state["config"], cfg, path, logger)
+    net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    return state["epoch"] + 1, state["iteration"], state["best_miou"]
+    set_rng_state(state["rng"])
+    progress = {key: state[key] for key in ("epoch", "step", "iteration", "best_miou", "skipped_steps")}
+    if progress["step"] >= iters_per_epoch:
+        progress["epoch"] += 1
+        progress["step"] = 0
+    logger.info(f"resumed from {path}: epoch {progress['epoch']} step {progress['step']}, "
+                f"iteration {progress['iteration']}, best mIoU {progress['best_miou']:.2f}")
+    return progress
 
 
 def main(argv=None) -> None:
@@ -341,10 +412,11 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     rank, world_size, local_rank, device = init_distributed(force_cpu=args.cpu)
     is_main = rank == 0
+    stop = StopSignal()
     run_dir = run_directory(cfg, args.overrides)
+    latest = os.path.join(run_dir, "latest.pth")
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
     barrier()
     logger = setup_logger(run_dir, rank)
     seed_everything(cfg["seed"] + rank, cfg["deterministic"])
@@ -377,53 +449,61 @@ def main(argv=None) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if is_main:
         n_params = sum(p.numel() for p in net.parameters()) / 1e6
-        logger.info(f"model {cfg['backbone']} DeepLabV3+ ({n_params:.1f}M parameters), "
+        logger.info(f"model {cfg['backbone']} DeepLabV3+{' + CIF' if cfg['cif'] else ''} ({n_params:.1f}M parameters), "
                     f"amp {amp_dtype}, {iters_per_epoch} iterations x {cfg['epochs']} epochs")
 
-    start_epoch, iteration, best_miou = 0, 0, 0.0
-    latest = os.path.join(run_dir, "latest.pth")
+    progress = {"epoch": 0, "step": 0, "iteration": 0, "best_miou": 0.0, "skipped_steps": 0}
     if os.path.exists(latest):
-        start_epoch, iteration, best_miou = load_resume_state(latest, net, optimizer, scaler, device)
-        logger.info(f"resumed from {latest}: epoch {start_epoch}, iteration {iteration}, best mIoU {best_miou:.2f}")
+        progress = resume(latest, net, optimizer, scaler, cfg, device, iters_per_epoch, logger)
+    if is_main:
+        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+
+    def save_latest(miou=None):
+        if is_main:
+            save_checkpoint(checkpoint_state(net, optimizer, scaler, cfg, progress, miou), latest)
 
     writer = SummaryWriter(run_dir) if is_main else None
     class_names = CLASS_NAMES[cfg["dataset"]]
-    for epoch in range(start_epoch, cfg["epochs"]):
-        for loader in loaders:
-            set_loader_epoch(loader, epoch)
-        iteration = train_one_epoch(model, optimizer, scaler, loaders, cfg, epoch, iteration, total_iters,
-                                    iters_per_epoch, device, amp_dtype, writer, logger, is_main)
-        due = (epoch + 1) % cfg["eval_interval"] == 0 or epoch == cfg["epochs"] - 1
+    while progress["epoch"] < cfg["epochs"]:
+        epoch = progress["epoch"]
+        train_one_epoch(model, optimizer, scaler, loaders, cfg, progress, iters_per_epoch, total_iters, device,
+                        amp_dtype, writer, logger, is_main, world_size, save_latest, stop)
         miou, is_best = None, False
-        if due:
+        if (epoch + 1) % cfg["eval_interval"] == 0 or epoch == cfg["epochs"] - 1:
             net.eval()
             metric = evaluate(net.predict, val_set, cfg, device, amp_dtype, rank, world_size)
             miou = metric.miou()
-            is_best = miou > best_miou
-            best_miou = max(best_miou, miou)
+            is_best = miou > progress["best_miou"]
+            progress["best_miou"] = max(progress["best_miou"], miou)
             if is_main:
                 logger.info(f"epoch {epoch} validation ({cfg['eval_mode']})\n"
                             + format_iou_table(class_names, metric.iou())
-                            + f"\nbest mIoU so far {best_miou:.2f}")
+                            + f"\nbest mIoU so far {progress['best_miou']:.2f}")
                 writer.add_scalar("eval/mIoU", miou, epoch)
                 for name, iou in zip(class_names, metric.iou().tolist()):
                     writer.add_scalar(f"eval/IoU/{name}", iou, epoch)
-        if is_main:
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "iteration": iteration, "best_miou": best_miou, "miou": miou, "config": cfg}
-            save_checkpoint(state, latest)
-            if is_best:
-                save_checkpoint(state, os.path.join(run_dir, "best.pth"))
+        save_latest(miou)
+        if is_main and is_best:
+            save_checkpoint(checkpoint_state(net, optimizer, scaler, cfg, progress, miou),
+                            os.path.join(run_dir, "best.pth"))
+        progress["epoch"] += 1
+        progress["step"] = 0
         barrier()
     if is_main:
         writer.close()
-        logger.info(f"done: best mIoU {best_miou:.2f}, checkpoints in {run_dir}")
+        logger.info(f"done: best mIoU {progress['best_miou']:.2f}, checkpoints in {run_dir}")
     cleanup()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DatasetError, CheckpointError) as error:
+    except (ConfigError, DatasetError, CheckpointError, PretrainedError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)
+    except Preempted as error:
+        print(str(error), file=sys.stderr)
+        sys.exit(143)

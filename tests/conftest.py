@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -41,3 +42,30 @@ def tiny_voc(tmp_path_factory):
     (splits / "pascal" / "tiny" / "unlabeled.txt").write_text("".join(line(n) for n in names[4:]))
     (splits / "pascal" / "val.txt").write_text("".join(line(n) for n in names[8:]))
     return str(root), str(splits)
+
+
+# A tiny CPU setting for end-to-end runs of scripts/train.sh.
+TINY = ["backbone=tv_resnet18", "pretrained=null", "crop_size=32", "batch_size=2", "iters_per_epoch=2",
+        "workers=0", "amp=false", "log_interval=1", "image_log_interval=1", "cif_channels=8", "cif_gate_channels=8"]
+
+
+def command_env():
+    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                OMP_NUM_THREADS="1")
+
+
+def run(command, check=True):
+    result = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def train_command(tiny_voc, exp_dir, ngpus, *overrides):
+    data_root, splits_dir = tiny_voc
+    return ["bash", "scripts/train.sh", "pascal", "tiny", str(ngpus), *TINY, f"data_root={data_root}",
+            f"splits_dir={splits_dir}", f"exp_dir={exp_dir}", *overrides]
+
+
+def train(tiny_voc, exp_dir, ngpus, *overrides, check=True):
+    return run(train_command(tiny_voc, exp_dir, ngpus, *overrides), check=check)

@@ -1,32 +1,13 @@
 """End to end on CPU through the user-facing commands: scripts/train.sh, resume, torchrun, eval.py."""
 import glob
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
-
-TINY = ["backbone=tv_resnet18", "pretrained=null", "crop_size=32", "batch_size=2", "iters_per_epoch=2",
-        "workers=0", "amp=false", "log_interval=1", "image_log_interval=1"]
-
-
-def run(command, check=True):
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def train(tiny_voc, exp_dir, ngpus, *overrides, check=True):
-    data_root, splits_dir = tiny_voc
-    return run(["bash", "scripts/train.sh", "pascal", "tiny", str(ngpus), *TINY, f"data_root={data_root}",
-                f"splits_dir={splits_dir}", f"exp_dir={exp_dir}", *overrides], check=check)
+from conftest import run, train
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +71,7 @@ def test_supervised_mode_trains(tiny_voc, tmp_path):
 
 
 def test_two_process_torchrun_gloo(tiny_voc, tmp_path):
-    result = train(tiny_voc, tmp_path, 2, "epochs=1", "batch_size=1", "run_name=ddp")
+    result = train(tiny_voc, tmp_path, 2, "epochs=1", "run_name=ddp")
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "ddp")
     state = torch.load(os.path.join(run_dir, "latest.pth"), map_location="cpu", weights_only=True)
     assert state["iteration"] == 2

@@ -50,10 +50,16 @@ class Section:
 
 
 SCHEMA: dict[str, Key | Section] = {
-    "dataset": Key(str, "Dataset family; selects class names, palette and split layout.", required=True,
-                   choices=("pascal", "cityscapes", "synthetic")),
+    "dataset": Key(str, "Dataset family; selects class names, palette and split layout (folder: your own images "
+                   "and masks, see configs/folder_example.yaml).", required=True,
+                   choices=("pascal", "cityscapes", "synthetic", "folder")),
     "data_root": Key(str, "Dataset root directory.", required=True, path=True),
     "nclass": Key(int, "Number of classes (21 for pascal, 19 for cityscapes).", required=True, ge=2),
+    "class_names": Key(list, "Names of classes 0 ... nclass-1 (null: the built-in names; required for folder).",
+                       nullable=True, item=str),
+    "palette": Key(list, "Colours [r, g, b, r, g, b, ...] of classes 0 ... nclass-1 in saved predictions and "
+                   "TensorBoard (null: the built-in palette; Pascal's for folder).", nullable=True, item=int, ge=0,
+                   le=255),
     "split": Key(str, "Labeled split, a folder of splits/DATASET/ (e.g. 1_16 or 732).", default="1_16"),
     "splits_dir": Key(str, "Folder holding DATASET/SPLIT/{labeled,unlabeled}.txt and DATASET/val.txt.",
                       default="splits", path=True),
@@ -121,6 +127,10 @@ SCHEMA: dict[str, Key | Section] = {
     "eval_interval": Key(int, "Evaluate every this many epochs.", default=1, ge=1),
     "log_interval": Key(int, "Log the losses every this many iterations.", default=20, ge=1),
     "image_log_interval": Key(int, "Log image panels every this many iterations (0: never).", default=200, ge=0),
+    "checkpoint_interval": Key(int, "Also write latest.pth every this many iterations (0: at epoch ends only).",
+                               default=500, ge=0),
+    "on_nonfinite_loss": Key(str, "A NaN/inf loss stops the run (the last checkpoint stays intact), or skips the step "
+                             "and counts it.", default="stop", choices=("stop", "skip")),
     "run_name": Key(str, "Run directory name under exp_dir (null: generated).", nullable=True),
     "exp_dir": Key(str, "Directory of the run directories.", default="exp", path=True),
 }
