@@ -1,4 +1,6 @@
-"""Class names and colour palettes of the supported datasets."""
+"""Class names and colour palettes of the supported datasets, and of a folder dataset from its config."""
+
+from dataset.errors import DatasetError
 
 CLASS_NAMES: dict[str, list[str]] = {
     "pascal": [
@@ -44,3 +46,29 @@ def palette(dataset: str) -> list[int]:
         flat = [channel for colour in _CITYSCAPES_COLOURS for channel in colour]
         return flat + [0] * (768 - len(flat))
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(CLASS_NAMES)}")
+
+
+def class_names(cfg: dict) -> list[str]:
+    """The nclass class names of cfg: its class_names key, else the built-in names of its dataset."""
+    names = cfg.get("class_names")
+    if names is None:
+        if cfg["dataset"] not in CLASS_NAMES:
+            raise DatasetError(f"dataset {cfg['dataset']} needs class_names in the config, one name per class")
+        names = CLASS_NAMES[cfg["dataset"]]
+        if len(names) != cfg["nclass"]:
+            raise DatasetError(f"nclass {cfg['nclass']} does not match the {len(names)} classes of {cfg['dataset']}")
+    elif len(names) != cfg["nclass"]:
+        raise DatasetError(f"class_names lists {len(names)} names but nclass is {cfg['nclass']}")
+    return list(names)
+
+
+def class_palette(cfg: dict) -> list[int]:
+    """768 ints for Image.putpalette: cfg's palette key (r, g, b per class), else the built-in palette of its dataset
+    (the VOC palette for a folder dataset)."""
+    colours = cfg.get("palette")
+    if colours is None:
+        return palette(cfg["dataset"] if cfg["dataset"] in CLASS_NAMES else "pascal")
+    if len(colours) != 3 * cfg["nclass"]:
+        raise DatasetError(f"palette has {len(colours)} values but needs 3 (r, g, b) per class: "
+                           f"{3 * cfg['nclass']} for nclass {cfg['nclass']}")
+    return list(colours) + [0] * (768 - len(colours))

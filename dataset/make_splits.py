@@ -1,20 +1,26 @@
 """Write split files (splits/DATASET/SPLIT/{labeled,unlabeled}.txt and splits/DATASET/val.txt) from a dataset tree.
 
-    python -m dataset.make_splits {pascal,cityscapes,synthetic} --data-root DIR [--seed 0] [--out splits]
+    python -m dataset.make_splits {pascal,cityscapes,synthetic,folder} --data-root DIR [--seed 0] [--out splits]
 
 Deterministic from the seed. Each protocol shuffles its pool once and takes prefixes, so the labeled set of a
 smaller split is contained in that of every larger one. Unlabeled lines keep their mask path when the mask exists.
+
+A folder dataset is DIR/images/{train,val}/** and DIR/masks/{train,val}/** (any nesting), a mask being the PNG at
+its image's relative path; train images without a mask are unlabeled only, and split `all` labels every masked one.
 """
 
 import argparse
+import functools
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from dataset.errors import DatasetError
 
 PASCAL_COUNTS = (92, 183, 366, 732, 1464)
 FRACTIONS = {"1_16": 16, "1_8": 8, "1_4": 4, "1_2": 2}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 SplitFiles = dict[str, list[str]]  # file path relative to splits/DATASET -> its lines
 
@@ -32,13 +38,13 @@ def _protocol(split_files: SplitFiles, name: str, labeled: list[str], unlabeled:
     split_files[f"{name}/unlabeled.txt"] = sorted(unlabeled)
 
 
-def fraction_splits(lines: list[str], seed: int) -> SplitFiles:
-    """1_16, 1_8, 1_4, 1_2: ceil(n / d) labeled lines drawn from lines, the rest unlabeled."""
+def fraction_splits(lines: list[str], seed: int, unlabeled_only: Sequence[str] = ()) -> SplitFiles:
+    """1_16, 1_8, 1_4, 1_2: ceil(n / d) labeled lines drawn from lines, the rest (and unlabeled_only) unlabeled."""
     order = _shuffled(lines, seed)
     split_files: SplitFiles = {}
     for name, divisor in FRACTIONS.items():
         count = math.ceil(len(order) / divisor)
-        _protocol(split_files, name, order[:count], order[count:])
+        _protocol(split_files, name, order[:count], order[count:] + list(unlabeled_only))
     return split_files
 
 
@@ -118,7 +124,8 @@ def _cityscapes_lines(root: Path, subset: str) -> list[str]:
     masks = sorted(_require_dir(root / "gtFine" / subset).glob("*/*_gtFine_labelTrainIds.png"))
     if not masks:
         raise DatasetError(f"no *_gtFine_labelTrainIds.png under {root / 'gtFine' / subset}; create them with "
-                           "cityscapesscripts' createTrainIdLabelImgs")
+                           f"`python -m dataset.cityscapes --root {root}` (as cityscapesscripts' "
+                           "createTrainIdLabelImgs does)")
     lines = []
     for mask in masks:
         mask_rel = mask.relative_to(root).as_posix()
@@ -149,7 +156,42 @@ def synthetic_splits(root: Path, seed: int) -> SplitFiles:
     return split_files
 
 
-BUILDERS = {"pascal": pascal_splits, "cityscapes": cityscapes_splits, "synthetic": synthetic_splits}
+def _folder_pairs(root: Path, images: str, masks: str, subset: str) -> tuple[list[str], list[str]]:
+    """Split lines of the images of images/subset: (those with a mask in masks/subset, those without)."""
+    images_dir = _require_dir(root / images / subset)
+    masked, unmasked = [], []
+    for path in sorted(images_dir.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        image_rel = path.relative_to(root).as_posix()
+        mask = (root / masks / subset / path.relative_to(images_dir)).with_suffix(".png")
+        if mask.is_file():
+            masked.append(f"{image_rel} {mask.relative_to(root).as_posix()}")
+        else:
+            unmasked.append(image_rel)
+    if not masked:
+        raise DatasetError(f"no image of {images_dir} has its mask (same relative path, .png) in "
+                           f"{root / masks / subset}")
+    return masked, unmasked
+
+
+def folder_splits(root: Path, seed: int, images: str = "images", masks: str = "masks") -> SplitFiles:
+    """1_16 ... 1_2 of the masked train images plus `all` (every masked image labeled) when some train images
+    have no mask; those are unlabeled in every split. Every val image needs its mask."""
+    masked, unmasked = _folder_pairs(root, images, masks, "train")
+    split_files = fraction_splits(masked, seed, unlabeled_only=unmasked)
+    if unmasked:
+        _protocol(split_files, "all", masked, unmasked)
+    val, val_unmasked = _folder_pairs(root, images, masks, "val")
+    if val_unmasked:
+        raise DatasetError(f"{len(val_unmasked)} val image(s) have no mask in {root / masks / 'val'}: "
+                           f"{', '.join(val_unmasked[:5])}{', ...' if len(val_unmasked) > 5 else ''}")
+    split_files["val.txt"] = val
+    return split_files
+
+
+BUILDERS = {"pascal": pascal_splits, "cityscapes": cityscapes_splits, "synthetic": synthetic_splits,
+            "folder": folder_splits}
 
 
 def write_splits(split_files: SplitFiles, out_dir: Path) -> None:
@@ -165,10 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", required=True, help="dataset root the split paths are relative to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="splits", help="splits folder; files go to OUT/DATASET/")
+    parser.add_argument("--images", default="images", help="folder: the images folder under DIR (default images)")
+    parser.add_argument("--masks", default="masks", help="folder: the masks folder under DIR (default masks)")
     args = parser.parse_args(argv)
     root = Path(args.data_root).expanduser()
+    builder = BUILDERS[args.dataset]
+    if args.dataset == "folder":
+        builder = functools.partial(folder_splits, images=args.images, masks=args.masks)
     try:
-        split_files = BUILDERS[args.dataset](_require_dir(root), args.seed)
+        split_files = builder(_require_dir(root), args.seed)
     except DatasetError as error:
         raise SystemExit(f"error: {error}")
     out_dir = Path(args.out) / args.dataset

@@ -2,32 +2,50 @@
 
 A split file lists one sample per line, `image_rel_path mask_rel_path`, relative to the data root (the community
 format of UniMatch's published splits). Unlabeled lines may omit the mask.
+
+Bad data stops a run before training with one line naming the file: build_datasets checks the data root, the split
+files and that every listed file exists (without opening any); reading a sample checks that image and mask decode,
+have the same size and that the mask holds only classes 0 ... nclass-1 and the ignore index.
 """
 
+import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from dataset import synthetic
-from dataset.classes import CLASS_NAMES
+from dataset.classes import class_names
 from dataset.errors import DatasetError
 from dataset.transforms import cutmix_box, geometric, normalize, strong_photometric
+from util.logging import LOGGER_NAME
 
-__all__ = ["DatasetError", "read_split", "read_image", "read_mask", "SemiDataset", "build_datasets"]
+__all__ = ["DatasetError", "read_split", "read_image", "read_mask", "load_sample", "SemiDataset", "build_datasets",
+           "dataset_summary"]
 
 MODES = ("train_l", "train_u", "val")
+EXAMPLES_SHOWN = 5  # paths named in an error about many files
+# What PIL raises on a file it cannot decode: not an image, truncated, corrupt chunks, absurd size.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _examples(items: list[str]) -> str:
+    shown = ", ".join(items[:EXAMPLES_SHOWN])
+    return shown + (f", ... ({len(items) - EXAMPLES_SHOWN} more)" if len(items) > EXAMPLES_SHOWN else "")
 
 
 def read_split(path: str | Path, require_mask: bool = False) -> list[tuple[str, str | None]]:
-    """(image, mask or None) pairs of a split file; blank lines are skipped."""
+    """(image, mask or None) pairs of a split file; blank lines are skipped, an image listed twice is an error."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"split file not found: {path}")
     samples = []
+    first_line: dict[str, int] = {}  # normalised image path -> line number
+    duplicates = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -37,25 +55,68 @@ def read_split(path: str | Path, require_mask: bool = False) -> list[tuple[str, 
                                f"{line!r}")
         if require_mask and len(fields) == 1:
             raise DatasetError(f"{path}:{number}: no mask path; labeled and val splits need 'image_path mask_path'")
+        key = os.path.normpath(fields[0])
+        if key in first_line:
+            duplicates.append(f"{fields[0]} (lines {first_line[key]} and {number})")
+        else:
+            first_line[key] = number
         samples.append((fields[0], fields[1] if len(fields) == 2 else None))
     if not samples:
         raise DatasetError(f"split file is empty: {path}")
+    if duplicates:
+        raise DatasetError(f"{path}: {len(duplicates)} image(s) listed more than once: {_examples(duplicates)}")
     return samples
+
+
+def _unreadable(kind: str, path: Path, error: Exception) -> DatasetError:
+    if isinstance(error, UnidentifiedImageError):
+        reason = "not an image PIL can read"
+    else:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+    return DatasetError(f"cannot read {kind} {path}: {reason}")
 
 
 def read_image(path: Path) -> torch.Tensor:
     """uint8 (3, H, W) RGB tensor."""
-    with Image.open(path) as image:
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    try:
+        with Image.open(path) as image:
+            rgb = np.array(image.convert("RGB"))  # PIL decodes lazily: convert() does it inside the try
+    except _DECODE_ERRORS as error:
+        raise _unreadable("image", path, error) from error
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
 def read_mask(path: Path) -> torch.Tensor:
     """uint8 (H, W) class indices; a palette PNG gives its indices, never its colours."""
-    with Image.open(path) as mask:
-        if mask.mode not in ("P", "L"):
-            raise DatasetError(f"mask must be a palette or grayscale image of class indices, got mode {mask.mode}: "
-                               f"{path}")
-        return torch.from_numpy(np.array(mask))
+    try:
+        with Image.open(path) as mask:
+            if mask.mode not in ("P", "L"):
+                raise DatasetError(f"mask must be a palette or grayscale image of class indices, got mode "
+                                   f"{mask.mode}: {path}")
+            mask.load()
+            indices = np.array(mask)
+    except _DECODE_ERRORS as error:
+        raise _unreadable("mask", path, error) from error
+    return torch.from_numpy(indices)
+
+
+def load_sample(image_path: Path, mask_path: Path | None, nclass: int,
+                ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image and mask (None without one) of a sample, checked: same size, mask values in 0 ... nclass-1 or ignore."""
+    image = read_image(image_path)
+    if mask_path is None:
+        return image, None
+    mask = read_mask(mask_path)
+    if mask.shape != image.shape[1:]:
+        raise DatasetError(f"mask {mask_path} is {tuple(mask.shape)} but image {image_path} is "
+                           f"{tuple(image.shape[1:])}")
+    if int(mask.max()) >= nclass:
+        values = mask[(mask >= nclass) & (mask != ignore_index)].unique().tolist()
+        if values:
+            shown = ", ".join(str(value) for value in values[:EXAMPLES_SHOWN])
+            raise DatasetError(f"mask {mask_path} has value {shown}: classes are 0 ... {nclass - 1} "
+                               f"(nclass {nclass}) and {ignore_index} is ignored")
+    return image, mask
 
 
 def _resolve_mask(root: Path, rel_path: str) -> Path | None:
@@ -65,14 +126,26 @@ def _resolve_mask(root: Path, rel_path: str) -> Path | None:
     SegmentationClassAug/, so that folder is tried as well.
     """
     path = root / rel_path
-    if path.is_file():
+    if os.path.isfile(path):
         return path
     parts = Path(rel_path).parts
     if parts and parts[0] == "SegmentationClass":
         aug_path = root.joinpath("SegmentationClassAug", *parts[1:])
-        if aug_path.is_file():
+        if os.path.isfile(aug_path):
             return aug_path
     return None
+
+
+def _missing_files_error(root: Path, source: str, listed: int, missing: list[str], images_missing: int,
+                         masks_missing: list[str]) -> DatasetError:
+    hint = ""
+    if images_missing == listed:
+        hint = "; no listed image exists: is data_root right?"
+    elif (any(Path(mask).parts[0] == "SegmentationClass" for mask in masks_missing)
+          and not (root / "SegmentationClassAug").is_dir()):
+        hint = "; the augmented Pascal masks (SBD) belong in SegmentationClassAug/, see README 'Data'"
+    return DatasetError(f"{source}: {len(missing)} listed file(s) missing under data_root {root}: "
+                        f"{_examples(missing)}{hint}")
 
 
 class SemiDataset(Dataset):
@@ -83,48 +156,56 @@ class SemiDataset(Dataset):
              strongly coloured copies, each with its own CutMix box; ignore_mask is 255 on padding; mask is the
              ground truth when on disk (all ignore_index otherwise), only for measuring pseudo-label quality.
     val:     {'image', 'mask', 'id'} at full resolution.
+
+    Every listed image (and, outside train_u, mask) must exist; `source` names the samples' split file in errors.
+    `listed` is the number of samples before the labeled set is repeated to nsample.
     """
 
-    def __init__(self, root: str | Path, samples: list[tuple[str, str | None]], mode: str, crop_size: int,
-                 scale_range: tuple[float, float] = (0.5, 2.0), strong_views: int = 2, nsample: int | None = None,
-                 ignore_index: int = 255):
+    def __init__(self, root: str | Path, samples: list[tuple[str, str | None]], mode: str, nclass: int,
+                 crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), strong_views: int = 2,
+                 nsample: int | None = None, ignore_index: int = 255, source: str = "split"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.root = Path(root).expanduser()
         self.mode = mode
+        self.nclass = nclass
         self.crop_size = crop_size
         self.scale_range = tuple(scale_range)
         self.strong_views = strong_views
         self.ignore_index = ignore_index
-        self.samples = [self._resolve(image, mask) for image, mask in samples]
+        self.samples = self._resolve(samples, source)
+        self.listed = len(self.samples)
         # Repeat the (small) labeled set to the unlabeled set's length so one epoch walks both once.
         if nsample is not None and nsample > len(self.samples):
             self.samples = (self.samples * math.ceil(nsample / len(self.samples)))[:nsample]
 
-    def _resolve(self, image_rel: str, mask_rel: str | None) -> tuple[str, Path, Path | None]:
-        image_path = self.root / image_rel
-        if not image_path.is_file():
-            raise DatasetError(f"image not found: {image_path} (data_root {self.root})")
-        mask_path = None if mask_rel is None else _resolve_mask(self.root, mask_rel)
-        if mask_path is None and self.mode != "train_u":
-            missing = (f"no mask listed for {image_rel}" if mask_rel is None
-                       else f"mask not found: {self.root / mask_rel}")
-            raise DatasetError(f"{missing} (data_root {self.root}); {self.mode} samples need their mask")
-        return image_rel, image_path, mask_path
+    def _resolve(self, samples: list[tuple[str, str | None]], source: str) -> list[tuple[str, Path, Path | None]]:
+        """(id, image path, mask path or None) of every sample; one error lists every missing file."""
+        resolved, missing, masks_missing, images_missing = [], [], [], 0
+        for image_rel, mask_rel in samples:
+            image_path = self.root / image_rel
+            if not os.path.isfile(image_path):
+                missing.append(image_rel)
+                images_missing += 1
+            if mask_rel is None and self.mode != "train_u":
+                raise DatasetError(f"{source}: no mask listed for {image_rel}; {self.mode} samples need their mask")
+            mask_path = None if mask_rel is None else _resolve_mask(self.root, mask_rel)
+            if mask_path is None and mask_rel is not None and self.mode != "train_u":
+                missing.append(mask_rel)
+                masks_missing.append(mask_rel)
+            resolved.append((image_rel, image_path, mask_path))
+        if missing:
+            raise _missing_files_error(self.root, source, len(samples), missing, images_missing, masks_missing)
+        return resolved
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         image_id, image_path, mask_path = self.samples[index]
-        image = read_image(image_path)
-        if mask_path is None:
+        image, mask = load_sample(image_path, mask_path, self.nclass, self.ignore_index)
+        if mask is None:
             mask = torch.full(image.shape[1:], self.ignore_index, dtype=torch.uint8)
-        else:
-            mask = read_mask(mask_path)
-            if mask.shape != image.shape[1:]:
-                raise DatasetError(f"mask {mask_path} is {tuple(mask.shape)} but image {image_path} is "
-                                   f"{tuple(image.shape[1:])}")
 
         if self.mode == "val":
             return {"image": normalize(image), "mask": mask.long(), "id": image_id}
@@ -153,21 +234,52 @@ def _split_file(splits_dir: Path, cfg: dict, *parts: str) -> Path:
     return path
 
 
+def _warn_overlap(labeled: list[tuple[str, str | None]], val: list[tuple[str, str | None]], labeled_path: Path,
+                  val_path: Path) -> None:
+    val_images = {os.path.normpath(image) for image, _ in val}
+    shared = [image for image, _ in labeled if os.path.normpath(image) in val_images]
+    if shared:
+        logging.getLogger(LOGGER_NAME).warning(
+            f"{len(shared)} of {len(labeled)} labeled images of {labeled_path} are also in {val_path}, so validation "
+            f"scores will be optimistic: {_examples(shared)}")
+
+
 def build_datasets(cfg: dict, splits_dir: str | Path = "splits") -> tuple[SemiDataset, SemiDataset, SemiDataset]:
-    """(labeled, unlabeled, val) datasets of cfg's dataset and split; the synthetic data is generated on first use."""
-    expected = len(CLASS_NAMES[cfg["dataset"]])
-    if cfg["nclass"] != expected:
-        raise DatasetError(f"nclass {cfg['nclass']} does not match the {expected} classes of {cfg['dataset']}")
+    """(labeled, unlabeled, val) datasets of cfg's dataset and split; the synthetic data is generated on first use.
+
+    Checks, without opening any image: class names against nclass, the data root, the split files (present,
+    non-empty, well-formed, no image twice) and that every listed file exists. Labeled images that are also val
+    images are logged as a warning.
+    """
+    class_names(cfg)
+    if cfg["nclass"] > 255:
+        raise DatasetError(f"nclass {cfg['nclass']} is more than 255: masks are 8-bit and 255 is the ignore index")
     root = Path(cfg["data_root"]).expanduser()
     if cfg["dataset"] == "synthetic":
         synthetic.ensure_generated(root)
+    elif not root.is_dir():
+        raise DatasetError(f"data_root not found: {root} (set data_root in the config, or data_root=DIR on the "
+                           f"command line)")
     splits_dir = Path(splits_dir)
-    labeled = read_split(_split_file(splits_dir, cfg, cfg["split"], "labeled.txt"), require_mask=True)
-    unlabeled = read_split(_split_file(splits_dir, cfg, cfg["split"], "unlabeled.txt"))
-    val = read_split(_split_file(splits_dir, cfg, "val.txt"), require_mask=True)
+    labeled_path = _split_file(splits_dir, cfg, cfg["split"], "labeled.txt")
+    unlabeled_path = _split_file(splits_dir, cfg, cfg["split"], "unlabeled.txt")
+    val_path = _split_file(splits_dir, cfg, "val.txt")
+    labeled = read_split(labeled_path, require_mask=True)
+    unlabeled = read_split(unlabeled_path)
+    val = read_split(val_path, require_mask=True)
+    _warn_overlap(labeled, val, labeled_path, val_path)
 
-    crop_size, scale_range, strong_views = cfg["crop_size"], tuple(cfg["scale_range"]), cfg["strong_views"]
-    labeled_ds = SemiDataset(root, labeled, "train_l", crop_size, scale_range, strong_views, nsample=len(unlabeled))
-    unlabeled_ds = SemiDataset(root, unlabeled, "train_u", crop_size, scale_range, strong_views)
-    val_ds = SemiDataset(root, val, "val", crop_size)
+    nclass, crop_size = cfg["nclass"], cfg["crop_size"]
+    scale_range, strong_views = tuple(cfg["scale_range"]), cfg["strong_views"]
+    labeled_ds = SemiDataset(root, labeled, "train_l", nclass, crop_size, scale_range, strong_views,
+                             nsample=len(unlabeled), source=str(labeled_path))
+    unlabeled_ds = SemiDataset(root, unlabeled, "train_u", nclass, crop_size, scale_range, strong_views,
+                               source=str(unlabeled_path))
+    val_ds = SemiDataset(root, val, "val", nclass, crop_size, source=str(val_path))
     return labeled_ds, unlabeled_ds, val_ds
+
+
+def dataset_summary(cfg: dict, labeled: SemiDataset, unlabeled: SemiDataset, val: SemiDataset) -> str:
+    """One line for the log: dataset, split, root and the sample and class counts of build_datasets' result."""
+    return (f"{cfg['dataset']} split {cfg['split']} at {labeled.root}: {labeled.listed} labeled (repeated to "
+            f"{len(labeled)}), {len(unlabeled)} unlabeled, {len(val)} val samples, {cfg['nclass']} classes")

@@ -116,7 +116,7 @@ def test_out_of_range(tmp_path, line, key, allowed):
 
 def test_bad_choice_lists_the_choices(tmp_path):
     message = error_of(tmp_path, with_line("dataset: voc"))
-    assert "'dataset' must be one of pascal, cityscapes, synthetic, got str 'voc'" in message
+    assert "'dataset' must be one of pascal, cityscapes, synthetic, folder, got str 'voc'" in message
 
 
 def test_missing_required_key(tmp_path):

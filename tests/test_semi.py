@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dataset.semi import DatasetError, SemiDataset, build_datasets, read_mask, read_split
+from dataset.semi import DatasetError, SemiDataset, build_datasets, dataset_summary, read_mask, read_split
 
 HEIGHT, WIDTH = 40, 56
 
@@ -74,7 +74,7 @@ def test_read_split_errors_name_the_file_and_line(tmp_path):
 
 def test_train_l_item(tmp_path):
     samples = _voc_tree(tmp_path)
-    dataset = SemiDataset(tmp_path, samples, "train_l", crop_size=32)
+    dataset = SemiDataset(tmp_path, samples, "train_l", nclass=21, crop_size=32)
     item = dataset[0]
     assert set(item) == {"image", "mask"}
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
@@ -87,7 +87,7 @@ def test_train_u_item(tmp_path, strong_views):
     torch.manual_seed(0)
     samples = _voc_tree(tmp_path)
     # Halving a 56-wide image leaves it smaller than the crop, so every item is padded.
-    dataset = SemiDataset(tmp_path, samples, "train_u", crop_size=32, scale_range=(0.5, 0.5),
+    dataset = SemiDataset(tmp_path, samples, "train_u", nclass=21, crop_size=32, scale_range=(0.5, 0.5),
                           strong_views=strong_views)
     item = dataset[1]
     assert set(item) == {"image_weak", "image_strong", "cutmix_box", "ignore_mask", "mask"}
@@ -109,7 +109,7 @@ def test_train_u_item(tmp_path, strong_views):
 
 def test_train_u_strong_views_draw_their_own_colours_and_boxes(tmp_path):
     torch.manual_seed(0)
-    dataset = SemiDataset(tmp_path, _voc_tree(tmp_path), "train_u", crop_size=32)
+    dataset = SemiDataset(tmp_path, _voc_tree(tmp_path), "train_u", nclass=21, crop_size=32)
     items = [dataset[0] for _ in range(6)]
     assert any(not torch.equal(*item["image_strong"]) for item in items)
     assert any(not torch.equal(*item["cutmix_box"]) for item in items)
@@ -117,15 +117,16 @@ def test_train_u_strong_views_draw_their_own_colours_and_boxes(tmp_path):
 
 def test_train_u_without_mask_on_disk_gives_ignore_everywhere(tmp_path):
     samples = _voc_tree(tmp_path, count=1)
-    unlisted = SemiDataset(tmp_path, [(samples[0][0], None)], "train_u", crop_size=32)
-    missing = SemiDataset(tmp_path, [(samples[0][0], "SegmentationClass/absent.png")], "train_u", crop_size=32)
+    unlisted = SemiDataset(tmp_path, [(samples[0][0], None)], "train_u", nclass=21, crop_size=32)
+    missing = SemiDataset(tmp_path, [(samples[0][0], "SegmentationClass/absent.png")], "train_u", nclass=21,
+                          crop_size=32)
     for dataset in (unlisted, missing):
         assert (dataset[0]["mask"] == 255).all()
 
 
 def test_val_item_is_the_full_image(tmp_path):
     samples = _voc_tree(tmp_path)
-    item = SemiDataset(tmp_path, samples, "val", crop_size=32)[2]
+    item = SemiDataset(tmp_path, samples, "val", nclass=21, crop_size=32)[2]
     assert set(item) == {"image", "mask", "id"}
     assert item["image"].shape == (3, HEIGHT, WIDTH) and item["image"].dtype == torch.float32
     expected = np.array(Image.open(tmp_path / samples[2][1]))
@@ -135,30 +136,27 @@ def test_val_item_is_the_full_image(tmp_path):
 
 def test_labeled_set_is_repeated_to_nsample_and_never_cut(tmp_path):
     samples = _voc_tree(tmp_path)
-    repeated = SemiDataset(tmp_path, samples, "train_l", crop_size=32, nsample=8)
+    repeated = SemiDataset(tmp_path, samples, "train_l", nclass=21, crop_size=32, nsample=8)
     assert len(repeated) == 8 and [s[0] for s in repeated.samples] == [s[0] for s in samples * 3][:8]
-    assert len(SemiDataset(tmp_path, samples, "train_l", crop_size=32, nsample=2)) == 3
+    assert len(SemiDataset(tmp_path, samples, "train_l", nclass=21, crop_size=32, nsample=2)) == 3
 
 
 def test_segmentation_class_aug_is_accepted_for_segmentation_class_paths(tmp_path):
     samples = _voc_tree(tmp_path, count=1, mask_dir="SegmentationClassAug")
-    item = SemiDataset(tmp_path, samples, "val", crop_size=32)[0]
+    item = SemiDataset(tmp_path, samples, "val", nclass=21, crop_size=32)[0]
     expected = np.array(Image.open(tmp_path / samples[0][1].replace("SegmentationClass", "SegmentationClassAug")))
     assert np.array_equal(item["mask"].numpy(), expected)
 
 
-def test_missing_files_and_size_mismatch_are_named(tmp_path):
+def test_missing_files_are_named_with_their_source(tmp_path):
     samples = _voc_tree(tmp_path, count=1)
-    with pytest.raises(DatasetError, match=r"image not found: .*nope\.jpg"):
-        SemiDataset(tmp_path, [("JPEGImages/nope.jpg", samples[0][1])], "train_l", crop_size=32)
-    with pytest.raises(DatasetError, match=r"mask not found: .*nope\.png .*val samples need their mask"):
-        SemiDataset(tmp_path, [(samples[0][0], "SegmentationClass/nope.png")], "val", crop_size=32)
-    with pytest.raises(DatasetError, match=r"no mask listed for JPEGImages/2007_000000\.jpg"):
-        SemiDataset(tmp_path, [(samples[0][0], None)], "train_l", crop_size=32)
-    _write_mask(tmp_path / "SegmentationClass/small.png", np.zeros((8, 8)))
-    dataset = SemiDataset(tmp_path, [(samples[0][0], "SegmentationClass/small.png")], "val", crop_size=32)
-    with pytest.raises(DatasetError, match=r"small\.png is \(8, 8\) but image .*2007_000000\.jpg is \(40, 56\)"):
-        dataset[0]
+    with pytest.raises(DatasetError, match=r"^lab\.txt: 1 listed file\(s\) missing under data_root .*: "
+                                           r"JPEGImages/nope\.jpg; no listed image exists: is data_root right\?$"):
+        SemiDataset(tmp_path, [("JPEGImages/nope.jpg", samples[0][1])], "train_l", nclass=21, crop_size=32,
+                    source="lab.txt")
+    with pytest.raises(DatasetError, match=r"^split: no mask listed for JPEGImages/2007_000000\.jpg; train_l "
+                                           r"samples need their mask$"):
+        SemiDataset(tmp_path, [(samples[0][0], None)], "train_l", nclass=21, crop_size=32)
 
 
 def _cfg(root: Path, **overrides) -> dict:
@@ -175,7 +173,9 @@ def test_build_datasets_reads_the_split_files(tmp_path):
     _write_lines(splits / "pascal/val.txt", samples[4:])
     labeled, unlabeled, val = build_datasets(_cfg(root), splits)
     assert (labeled.mode, unlabeled.mode, val.mode) == ("train_l", "train_u", "val")
-    assert len(labeled) == 3 and len(unlabeled) == 3 and len(val) == 1
+    assert len(labeled) == 3 and labeled.listed == 1 and len(unlabeled) == 3 and len(val) == 1
+    assert dataset_summary(_cfg(root), labeled, unlabeled, val) == (
+        f"pascal split 92 at {root}: 1 labeled (repeated to 3), 3 unlabeled, 1 val samples, 21 classes")
     batch = next(iter(DataLoader(unlabeled, batch_size=2)))
     assert batch["image_weak"].shape == (2, 3, 32, 32) and len(batch["image_strong"]) == 2
     assert batch["cutmix_box"][1].shape == (2, 32, 32) and (batch["mask"] == 255).all()
