@@ -1,29 +1,36 @@
-"""Evaluate a checkpoint on its validation set, print per-class IoU and mIoU, optionally save predictions.
+"""Evaluate a checkpoint on its validation set, print per-class IoU and mIoU, optionally save predictions;
+or, with --predict-dir, segment a folder of images that have no masks.
 
     python eval.py                                  # best.pth of the newest run under exp/
     python eval.py --checkpoint exp/pascal/1_16/default/best.pth --mode sliding_window --save-dir preds/
+    python eval.py --save-dir preds/ --overlays     # also image | prediction | ground truth pictures
+    python eval.py --predict-dir photos/ --save-dir preds/ --multiscale-cif   # palette PNGs and overlays
     python eval.py --multiscale-cif --cif-scales 0.5 2.0   # multi-scale inference through the CIF gate
     python eval.py --scales 0.5 1.0 2.0             # mIoU with the input rescaled by each factor
 """
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dataset.classes import CLASS_NAMES, palette
-from dataset.semi import DatasetError, build_datasets
+from dataset.classes import class_names, class_palette
+from dataset.semi import DatasetError, build_datasets, load_sample
+from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from model import build_model
 from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint
 from util.config import ConfigError, validate
 from util.dist import cleanup, init_distributed
 from util.inference import center_crop, predict_probs, rescaled_predictor
 from util.metrics import MeanIoU, format_iou_table
+from util.visualize import overlay_figure, palette_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def averaged_predictor(predict: Callable, scales: list[float], flip: bool) -> Callable:
@@ -39,34 +46,100 @@ def averaged_predictor(predict: Callable, scales: list[float], flip: bool) -> Ca
     return predict_averaged
 
 
+def predict_labels(predict: Callable, image: torch.Tensor, mode: str, crop_size: int, amp_dtype=None) -> torch.Tensor:
+    """(1, H, W) class indices of a normalised (1, 3, H, W) image in evaluation ``mode``."""
+    with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return predict_probs(predict, image, mode, crop_size).argmax(dim=1)
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """A normalised (3, H, W) image back to (H, W, 3) uint8 RGB, for pictures."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = ((image.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255)
+    return pixels.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: list[str], colors: list[int],
+                    image: np.ndarray | None = None, ground_truth: np.ndarray | None = None) -> None:
+    """SAVE_DIR/STEM.png as a palette PNG of the (H, W) prediction and, when ``image`` ((H, W, 3) uint8) is given,
+    SAVE_DIR/STEM_overlay.png: image | prediction | ground truth (when given) with a legend of class names."""
+    labels = prediction.cpu().numpy().astype(np.uint8)
+    palette_image(labels, colors).save(os.path.join(save_dir, f"{stem}.png"))
+    if image is not None:
+        figure = overlay_figure(image, labels, names, colors, ground_truth)
+        figure.save(os.path.join(save_dir, f"{stem}_overlay.png"))
+
+
 @torch.no_grad()
 def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dtype=None, rank: int = 0,
              world_size: int = 1, mode: str | None = None, save_dir: str | None = None,
-             progress: bool = False) -> MeanIoU:
+             progress: bool = False, overlays: bool = False) -> MeanIoU:
     """mIoU of ``predict`` (images -> logits) over ``val_set``; with several processes each image is
     evaluated by exactly one of them (no sampler padding), then the counts are summed. The caller puts
-    the model in eval mode."""
+    the model in eval mode. With ``save_dir`` the predictions are saved, with ``overlays`` also as pictures."""
     mode = mode or cfg["eval_mode"]
     shard = Subset(val_set, range(rank, len(val_set), world_size))
-    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=min(cfg["workers"], 2))
+    # Its own generator keeps evaluation from consuming the training run's random stream.
+    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=min(cfg["workers"], 2),
+                        generator=torch.Generator())
     metric = MeanIoU(cfg["nclass"], device=device)
-    colors = palette(cfg["dataset"])
+    names, colors = class_names(cfg), class_palette(cfg)
     for sample in tqdm(loader, disable=not progress, desc="eval", leave=False):
         image = sample["image"].to(device)
         mask = sample["mask"].to(device)
         if mode == "center_crop":
             image, mask = center_crop(image, mask, cfg["crop_size"])
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            probs = predict_probs(predict, image, mode, cfg["crop_size"])
-        prediction = probs.argmax(dim=1)
+        prediction = predict_labels(predict, image, mode, cfg["crop_size"], amp_dtype)
         metric.update(prediction, mask)
         if save_dir is not None:
-            name = os.path.splitext(os.path.basename(sample["id"][0]))[0] + ".png"
-            picture = Image.fromarray(prediction[0].cpu().numpy().astype(np.uint8), mode="P")
-            picture.putpalette(colors)
-            picture.save(os.path.join(save_dir, name))
+            stem = os.path.splitext(os.path.basename(sample["id"][0]))[0]
+            picture, ground_truth = None, None
+            if overlays:
+                picture, ground_truth = denormalize(image[0]), mask[0].cpu().numpy().astype(np.uint8)
+            save_prediction(save_dir, stem, prediction[0], names, colors, picture, ground_truth)
     metric.all_reduce()
     return metric
+
+
+def list_images(folder: str) -> list[Path]:
+    """The images of ``folder`` (by extension, not recursive), sorted by name; refuses a folder without any and
+    names whose outputs would overwrite each other (a.jpg and a.png, or a.jpg and a_overlay.jpg)."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"--predict-dir {folder}: no such folder")
+    images = sorted(path for path in Path(folder).iterdir()
+                    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DatasetError(f"--predict-dir {folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
+    writers = {}
+    for path in images:
+        for output in (f"{path.stem}.png", f"{path.stem}_overlay.png"):
+            if output in writers:
+                raise DatasetError(f"{writers[output]} and {path} would both write {output}; rename one")
+            writers[output] = path
+    return images
+
+
+@torch.no_grad()
+def predict_folder(predict: Callable, image_dir: str, save_dir: str, cfg: dict, device: torch.device,
+                   amp_dtype=None, mode: str = "original", mask_dir: str | None = None, rank: int = 0,
+                   world_size: int = 1, progress: bool = False) -> int:
+    """Segment every image of ``image_dir`` one at a time (sizes differ) and write SAVE_DIR/STEM.png (palette PNG)
+    and SAVE_DIR/STEM_overlay.png (image | prediction | ground truth from MASK_DIR/STEM.png when that exists).
+    Stops at the first unreadable file, keeping what was written. With several processes each image goes to one
+    of them. The caller puts the model in eval mode. Returns the number of images this process wrote."""
+    if mode not in ("original", "sliding_window"):
+        raise ValueError(f"prediction mode must be original or sliding_window, got {mode!r}")
+    images = list_images(image_dir)[rank::world_size]
+    names, colors = class_names(cfg), class_palette(cfg)
+    os.makedirs(save_dir, exist_ok=True)
+    for path in tqdm(images, disable=not progress, desc="predict", leave=False):
+        mask_path = Path(mask_dir, f"{path.stem}.png") if mask_dir else None
+        image, mask = load_sample(path, mask_path if mask_path and mask_path.is_file() else None, cfg["nclass"])
+        prediction = predict_labels(predict, normalize(image)[None].to(device), mode, cfg["crop_size"], amp_dtype)
+        save_prediction(save_dir, path.stem, prediction[0], names, colors, image.permute(1, 2, 0).numpy(),
+                        None if mask is None else mask.numpy())
+    return len(images)
 
 
 def build_predictor(model, args) -> Callable:
@@ -94,6 +167,12 @@ def parse_args(argv=None):
                         help="evaluation mode (default: the checkpoint config's eval_mode)")
     parser.add_argument("--data-root", help="dataset root, if it moved since training")
     parser.add_argument("--save-dir", help="write predictions here as palette PNGs")
+    parser.add_argument("--overlays", action="store_true",
+                        help="with --save-dir, also write STEM_overlay.png: image | prediction | ground truth")
+    parser.add_argument("--predict-dir",
+                        help="segment the .jpg/.jpeg/.png/.bmp images of this folder instead of the validation set; "
+                             "writes palette PNGs and overlays to --save-dir")
+    parser.add_argument("--mask-dir", help="with --predict-dir: ground truth MASK_DIR/STEM.png shown where present")
     parser.add_argument("--scales", type=float, nargs="+",
                         help="evaluate with the input rescaled by each factor; prints mIoU per factor")
     parser.add_argument("--multiscale-cif", action="store_true",
@@ -104,7 +183,20 @@ def parse_args(argv=None):
                         help="extra scales of the multi-scale modes (default: 0.5 2.0)")
     parser.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.predict_dir is not None:
+        if args.save_dir is None:
+            raise SystemExit("error: --predict-dir needs --save-dir")
+        if args.mode == "center_crop":
+            raise SystemExit("error: --mode center_crop is for evaluation; --predict-dir takes original or "
+                             "sliding_window")
+        if args.scales:
+            raise SystemExit("error: --scales is for evaluation; --predict-dir cannot be combined with it")
+    elif args.mask_dir is not None:
+        raise SystemExit("error: --mask-dir needs --predict-dir")
+    if args.overlays and args.save_dir is None:
+        raise SystemExit("error: --overlays needs --save-dir")
+    return args
 
 
 def main(argv=None) -> None:
@@ -129,11 +221,21 @@ def main(argv=None) -> None:
     amp_dtype = None
     if device.type == "cuda" and cfg["amp"]:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if args.predict_dir is not None:
+        # A checkpoint whose eval_mode is center_crop predicts whole images.
+        mode = args.mode or ("original" if cfg["eval_mode"] == "center_crop" else cfg["eval_mode"])
+        if rank == 0:
+            print(f"checkpoint {checkpoint} (epoch {state['epoch']}), predicting {args.predict_dir}, mode {mode}")
+        count = predict_folder(build_predictor(model, args), args.predict_dir, args.save_dir, cfg, device, amp_dtype,
+                               mode, args.mask_dir, rank, world_size, progress=rank == 0)
+        print(f"wrote {count} predictions and overlays to {args.save_dir}")
+        cleanup()
+        return
     _, _, val_set = build_datasets(cfg, cfg["splits_dir"])
     if args.save_dir and rank == 0:
         os.makedirs(args.save_dir, exist_ok=True)
     mode = args.mode or cfg["eval_mode"]
-    class_names = CLASS_NAMES[cfg["dataset"]]
+    names = class_names(cfg)
     if rank == 0:
         print(f"checkpoint {checkpoint} (epoch {state['epoch']}), {len(val_set)} val images, mode {mode}")
 
@@ -150,9 +252,9 @@ def main(argv=None) -> None:
     else:
         predict = build_predictor(model, args)
         metric = evaluate(predict, val_set, cfg, device, amp_dtype, rank, world_size, mode,
-                          save_dir=args.save_dir, progress=rank == 0)
+                          save_dir=args.save_dir, progress=rank == 0, overlays=args.overlays)
         if rank == 0:
-            print(format_iou_table(class_names, metric.iou()))
+            print(format_iou_table(names, metric.iou()))
             print(f"mIoU {metric.miou():.2f}")
     cleanup()
 
