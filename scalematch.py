@@ -19,9 +19,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from dataset.classes import CLASS_NAMES, palette
-from dataset.semi import DatasetError, build_datasets
-from eval import evaluate
+from dataset.classes import class_names, class_palette
+from dataset.semi import DatasetError, build_datasets, dataset_summary
+from eval import denormalize, evaluate
 from model import build_model
 from model.backbone import PretrainedError
 from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -31,10 +31,9 @@ from util.logging import setup_logger
 from util.losses import OHEMCrossEntropy, masked_cross_entropy
 from util.metrics import MeanIoU, format_iou_table
 from util.sampling import ResumableSampler, SeededDataset, rng_state, set_rng_state
+from util.visualize import colourize
 
 IGNORE_INDEX = 255
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def parse_args(argv=None):
@@ -158,20 +157,12 @@ def fused_probs(out: dict, fusion: str, first: int) -> torch.Tensor:
     return mean_probs([out["pred"][first:]])
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    return (images.cpu().float() * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1)
-
-
-def colorize(labels: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) class indices -> (B, 3, H, W) colours in [0, 1]; 255 (ignore) shows white."""
-    return colors[labels.cpu().long()].permute(0, 3, 1, 2)
-
-
-def log_pictures(writer, tag, images, panels, dataset: str, step: int, max_images: int = 4) -> None:
-    colors = torch.tensor(palette(dataset), dtype=torch.float32).view(256, 3) / 255
-    colors[IGNORE_INDEX] = 1.0
-    rows = [denormalize(images[:max_images])] + [colorize(p[:max_images], colors) for p in panels]
-    writer.add_image(tag, make_grid(torch.cat(rows), nrow=min(max_images, len(images))), step)
+def log_pictures(writer, tag: str, images, panels, palette, step: int, max_images: int = 4) -> None:
+    """One TensorBoard grid: a row of images, then one row per label map in the dataset's colours."""
+    count = min(max_images, len(images))
+    tiles = [denormalize(images[i]) for i in range(count)]
+    tiles += [colourize(labels[i].cpu().numpy(), palette) for labels in panels for i in range(count)]
+    writer.add_image(tag, make_grid(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2), nrow=count), step)
 
 
 def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch, device, criterion_labeled,
@@ -337,7 +328,7 @@ def train_one_epoch(model, optimizer, scaler, loaders, cfg, progress, iters_per_
                     logger.info(f"epoch {epoch} iter {iteration}/{total_iters} lr {lr:.2e} "
                                 + " ".join(f"{k} {v / counted:.4f}" for k, v in running.items()))
                 if cfg["image_log_interval"] and iteration % cfg["image_log_interval"] == 0:
-                    log_step_pictures(writer, pictures, cfg["dataset"], iteration)
+                    log_step_pictures(writer, pictures, class_palette(cfg), iteration)
 
         if stop_requested:
             save_latest()
@@ -358,13 +349,13 @@ def train_one_epoch(model, optimizer, scaler, loaders, cfg, progress, iters_per_
                 writer.add_scalar(f"pseudo_label_miou/{name}", value, epoch)
 
 
-def log_step_pictures(writer, pictures: dict, dataset: str, step: int) -> None:
+def log_step_pictures(writer, pictures: dict, palette, step: int) -> None:
     log_pictures(writer, "train/labeled (image, ground truth, prediction)", pictures["image_x"],
-                 [pictures["mask_x"], pictures["pred_x"].argmax(1)], dataset, step)
+                 [pictures["mask_x"], pictures["pred_x"].argmax(1)], palette, step)
     if "image_w" in pictures:
         log_pictures(writer, "train/unlabeled (image, ground truth, prediction, confident pseudo-label)",
                      pictures["image_w"], [pictures["truth_u"], pictures["pred_w"].argmax(1),
-                                           pictures["pseudo_label"]], dataset, step)
+                                           pictures["pseudo_label"]], palette, step)
     if pictures.get("gate") is not None:
         writer.add_images("train/cif gate (weight of the 1x prediction)", pictures["gate"][:4].float().cpu(), step)
 
@@ -423,8 +414,8 @@ def main(argv=None) -> None:
 
     labeled_set, unlabeled_set, val_set = build_datasets(cfg, cfg["splits_dir"])
     semi = cfg["train_mode"] == "semi"
-    logger.info(f"run {run_dir} | {world_size} process(es) on {device} | {len(labeled_set)} labeled (repeated), "
-                f"{len(unlabeled_set)} unlabeled, {len(val_set)} val samples, {cfg['nclass']} classes")
+    logger.info(f"run {run_dir} | {world_size} process(es) on {device} | "
+                + dataset_summary(cfg, labeled_set, unlabeled_set, val_set))
     batch = cfg["batch_size"]
     loaders = (make_loader(labeled_set, cfg, cfg["seed"] + 1, world_size, rank, batch),
                make_loader(unlabeled_set, cfg, cfg["seed"] + 2, world_size, rank, batch),
@@ -463,7 +454,7 @@ def main(argv=None) -> None:
             save_checkpoint(checkpoint_state(net, optimizer, scaler, cfg, progress, miou), latest)
 
     writer = SummaryWriter(run_dir) if is_main else None
-    class_names = CLASS_NAMES[cfg["dataset"]]
+    names = class_names(cfg)
     while progress["epoch"] < cfg["epochs"]:
         epoch = progress["epoch"]
         train_one_epoch(model, optimizer, scaler, loaders, cfg, progress, iters_per_epoch, total_iters, device,
@@ -477,10 +468,10 @@ def main(argv=None) -> None:
             progress["best_miou"] = max(progress["best_miou"], miou)
             if is_main:
                 logger.info(f"epoch {epoch} validation ({cfg['eval_mode']})\n"
-                            + format_iou_table(class_names, metric.iou())
+                            + format_iou_table(names, metric.iou())
                             + f"\nbest mIoU so far {progress['best_miou']:.2f}")
                 writer.add_scalar("eval/mIoU", miou, epoch)
-                for name, iou in zip(class_names, metric.iou().tolist()):
+                for name, iou in zip(names, metric.iou().tolist()):
                     writer.add_scalar(f"eval/IoU/{name}", iou, epoch)
         save_latest(miou)
         if is_main and is_best:

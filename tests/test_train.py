@@ -26,7 +26,7 @@ def test_training_writes_run_directory(trained_run):
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     log = open(os.path.join(run_dir, "train.log")).read()
     assert "mIoU" in log and "aeroplane" in log
-    assert "8 labeled (repeated), 8 unlabeled, 4 val samples, 21 classes" in log
+    assert "4 labeled (repeated to 8), 8 unlabeled, 4 val samples, 21 classes" in log
 
 
 def test_rerun_resumes_from_latest(trained_run):
