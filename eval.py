@@ -255,7 +255,6 @@ def main(argv=None) -> None:
                           save_dir=args.save_dir, progress=rank == 0, overlays=args.overlays)
         if rank == 0:
             print(format_iou_table(names, metric.iou()))
-            print(f"mIoU {metric.miou():.2f}")
     cleanup()
 
 

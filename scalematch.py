@@ -1,5 +1,6 @@
-"""Semi-supervised semantic segmentation training (FixMatch weak-to-strong with CutMix and feature
-perturbation, as in UniMatch), launched by ``scripts/train.sh`` with or without torchrun.
+"""ScaleMatch training: FixMatch weak-to-strong with CutMix and feature perturbation (as in UniMatch), plus
+the scale branches of ScaleMatch (ISVC, FSVC, CIF), launched by ``scripts/train.sh`` with or without torchrun.
+Every switch off (isvc, fsvc, cif) is the FixMatch baseline; train_mode: supervised the labeled-only baseline.
 
     python scalematch.py --config configs/synthetic.yaml split=1_16 epochs=2
 """
@@ -12,7 +13,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter

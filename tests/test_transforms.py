@@ -1,3 +1,4 @@
+import math
 import torch
 import torch.nn.functional as F
 
@@ -109,3 +110,15 @@ def test_normalize_uses_imagenet_statistics():
     out = normalize(image)
     assert out.dtype == torch.float32 and out.abs().max() < 0.01
     assert normalize(torch.full((3, 2, 2), 255, dtype=torch.uint8))[0, 0, 0] > 2.2
+
+
+def test_gaussian_blur_matches_torchvision_with_the_same_kernel():
+    from torchvision.transforms.v2 import functional as tvf
+
+    from dataset.transforms import gaussian_blur
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 21, 30), dtype=torch.uint8)
+    for sigma in (0.3, 1.0, 2.0):
+        size = 2 * math.ceil(3 * sigma) + 1
+        expected = tvf.gaussian_blur(image, [size, size], [sigma, sigma])
+        assert (gaussian_blur(image, sigma).int() - expected.int()).abs().max() <= 1, sigma

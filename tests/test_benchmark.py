@@ -1,0 +1,59 @@
+"""scripts/benchmark.py runs end to end at --quick sizes and prints its tables (no timing is asserted)."""
+import re
+import sys
+
+import pytest
+
+from conftest import run
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run([sys.executable, "scripts/benchmark.py", "--quick", "--threads", "1"]).stdout
+
+
+def sections(text: str) -> dict[int, str]:
+    parts = re.split(r"^## (\d)\. ", text, flags=re.MULTILINE)
+    return {int(number): body for number, body in zip(parts[1::2], parts[2::2])}
+
+
+def table_rows(body: str) -> list[list[str]]:
+    """Cells of the body rows of the first Markdown table in ``body``."""
+    lines = [line for line in body.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3 and set(lines[1].replace("|", "").split()) == {"---"}, body
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_every_section_prints_a_table(report):
+    assert report.startswith("# scalematch benchmarks")
+    assert "`python scripts/benchmark.py --quick --threads 1`" in report
+    found = sections(report)
+    assert sorted(found) == [1, 2, 3, 4, 5, 6]
+    for number, body in found.items():
+        rows = table_rows(body)
+        assert rows and all(len(row) == len(rows[0]) for row in rows), (number, rows)
+
+
+def test_step_table_reports_every_setting_and_the_pixel_prediction(report):
+    rows = {row[0]: row for row in table_rows(sections(report)[1])}
+    assert {"supervised", "FixMatch", "ScaleMatch v=0.5", "ScaleMatch v=2"} <= set(rows)
+    # FLOPs are counted, not timed: the v = 2 branch processes 16x the pixels of the v = 0.5 branch.
+    assert float(rows["ScaleMatch v=2"][7]) > float(rows["ScaleMatch v=0.5"][7]) > float(rows["FixMatch"][7])
+    # Pixel model: FixMatch does 10/3 + 2 d trained passes (d: the decoder's FLOP share), v adds 2 v^2.
+    share = float(re.search(r"perturbed decoder 2 x ([0-9.]+)", sections(report)[1]).group(1))
+    fixmatch = 10 / 3 + 2 * share
+    assert float(rows["ScaleMatch v=2"][5]) == pytest.approx((fixmatch + 8) / fixmatch, abs=0.01)
+
+
+def test_multi_resolution_input_saves_more_activations_than_isvc(report):
+    rows = {row[0]: row for row in table_rows(sections(report)[2])}
+    group = rows["0.5 + 2"]
+    isvc_saved, mri_saved, largest_saved = (float(cell) for cell in group[2:5])
+    assert isvc_saved == largest_saved
+    assert mri_saved > isvc_saved > float(rows["baseline (FixMatch)"][2])
+
+
+def test_bad_sections_are_refused_in_one_line():
+    result = run([sys.executable, "scripts/benchmark.py", "--sections", "1,7"], check=False)
+    assert result.returncode == 2
+    assert "--sections '1,7': expected numbers from 1 to 6" in result.stderr
