@@ -90,3 +90,17 @@ def test_bad_override_is_one_line_error(tiny_voc, tmp_path):
 def test_train_sh_rejects_unknown_dataset():
     result = run(["bash", "scripts/train.sh", "nosuchset", "1_16", "0"], check=False)
     assert result.returncode == 2 and "configs/nosuchset.yaml" in result.stderr
+
+
+def test_eval_multiscale_cif_and_average_on_a_trained_checkpoint(trained_run):
+    _, run_dir, _, _ = trained_run
+    checkpoint = os.path.join(run_dir, "latest.pth")
+    results = {}
+    for flags in (["--multiscale-cif"], ["--multiscale-avg"], ["--multiscale-cif", "--cif-scales", "0.5", "--flip",
+                                                               "--mode", "sliding_window"]):
+        result = run([sys.executable, "eval.py", "--checkpoint", checkpoint, *flags])
+        results[" ".join(flags)] = float(result.stdout.split("mIoU")[-1].split()[0])
+    assert all(0 <= miou <= 100 for miou in results.values())
+    refused = run([sys.executable, "eval.py", "--checkpoint", checkpoint, "--multiscale-cif", "--multiscale-avg"],
+                  check=False)
+    assert refused.returncode != 0 and "choose one of" in refused.stderr
