@@ -2,7 +2,7 @@
 budget through scripts/train.sh, then evaluated by eval.py; writes docs/results.md (and PNG plots when
 matplotlib is installed).
 
-    python scripts/study.py --seeds 0 1 2 [--split 1_16] [--exp-dir exp/study] [key=value ...]
+    python scripts/study.py [key=value ...] --seeds 0 1 2 [--split 1_16] [--exp-dir exp/study]
 
 Runs already finished are reused (rerunning the study resumes it). Extra key=value overrides apply to every run
 (e.g. a different budget: epochs=6 iters_per_epoch=40).
@@ -39,12 +39,15 @@ def run(command: list[str]) -> str:
     return result.stdout + result.stderr
 
 
-def train(name: str, seed: int, args) -> tuple[str, float]:
-    """Train one configuration with one seed (or reuse a finished run); returns its run dir and minutes taken."""
+def train(name: str, seed: int, args) -> tuple[str, float] | None:
+    """Train one configuration with one seed (or reuse a finished run); returns its run dir and minutes taken
+    (None for an unfinished run with --report-only)."""
     run_dir = os.path.join(args.exp_dir, "synthetic", args.split, f"{name}_seed{seed}")
     done_marker = os.path.join(run_dir, "study_minutes.txt")
     if os.path.exists(done_marker):
         return run_dir, float(open(done_marker).read())
+    if args.report_only:
+        return None
     start = time.time()
     run(["bash", "scripts/train.sh", "synthetic", args.split, "0", *RUNS[name][0], f"seed={seed}",
          f"exp_dir={args.exp_dir}", f"run_name={name}_seed{seed}", *args.overrides])
@@ -84,8 +87,8 @@ def scale_mious(run_dir: str, scales: list[float]) -> list[float]:
 
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
 
 
 def main() -> None:
@@ -95,13 +98,17 @@ def main() -> None:
     parser.add_argument("--exp-dir", default=os.path.join("exp", "study"))
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--out", default=os.path.join("docs", "results.md"))
+    parser.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
     results = {}
     for seed in args.seeds:
         for name in args.runs:
-            run_dir, minutes = train(name, seed, args)
+            finished = train(name, seed, args)
+            if finished is None:
+                continue
+            run_dir, minutes = finished
             entry = {"final": final_miou(run_dir), "minutes": minutes, "curves": pseudo_label_curves(run_dir),
                      "scales": scale_mious(run_dir, [0.5, 1.0, 2.0])}
             if name in CIF_RUNS:
@@ -115,8 +122,8 @@ def main() -> None:
 def write_report(results: dict, args) -> None:
     lines = [
         "# ScaleMatch's claims on the synthetic benchmark", "",
-        f"Command: `python scripts/study.py --seeds {' '.join(map(str, args.seeds))} --split {args.split}"
-        + "".join(f" {o}" for o in args.overrides) + "`, on this repository's CPU machine (2 cores).",
+        f"Command: `python scripts/study.py{''.join(f' {o}' for o in args.overrides)} --seeds "
+        f"{' '.join(map(str, args.seeds))} --split {args.split}`, on this repository's CPU machine (2 cores).",
         "Every run: `configs/synthetic.yaml` (tv_resnet18 from scratch, crop 96, batch 4+4, the same iteration "
         "budget), differing only in the overrides named. mIoU (%) on the 80 validation images at the end of the "
         "budget, mean ± std over seeds.", "",
