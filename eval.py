@@ -71,6 +71,13 @@ def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: l
         figure.save(os.path.join(save_dir, f"{stem}_overlay.png"))
 
 
+def autocast_dtype(cfg: dict, device: torch.device):
+    """bf16 where the GPU supports it, fp16 (with GradScaler) otherwise, None (off) on the CPU."""
+    if not cfg["amp"] or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @torch.no_grad()
 def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dtype=None, rank: int = 0,
              world_size: int = 1, mode: str | None = None, save_dir: str | None = None,
@@ -218,9 +225,7 @@ def main(argv=None) -> None:
     model = build_model(dict(cfg, pretrained=None)).to(device)
     model.load_state_dict(state["model"])
     model.eval()
-    amp_dtype = None
-    if device.type == "cuda" and cfg["amp"]:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(cfg, device)
     if args.predict_dir is not None:
         # A checkpoint whose eval_mode is center_crop predicts whole images.
         mode = args.mode or ("original" if cfg["eval_mode"] == "center_crop" else cfg["eval_mode"])

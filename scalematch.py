@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dataset.classes import class_names, class_palette
 from dataset.semi import DatasetError, build_datasets, dataset_summary
-from eval import denormalize, evaluate
+from eval import autocast_dtype, denormalize, evaluate
 from model import build_model
 from model.backbone import PretrainedError
 from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -91,13 +91,6 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: dict, iteration: int, tot
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     return lr
-
-
-def autocast_dtype(cfg: dict, device: torch.device):
-    """bf16 where the GPU supports it, fp16 (with GradScaler) otherwise, None (off) on the CPU."""
-    if not cfg["amp"] or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def labeled_criterion(cfg: dict) -> nn.Module:
@@ -194,7 +187,10 @@ def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch,
     out = model(torch.cat((image_x, image_w)), feature_scale=feature_scale, image_scales=image_scales)
     pred_s = model(torch.cat(image_s))["pred"].chunk(len(image_s))
 
-    confidence, pseudo_label = pseudo_label_from(fused_probs(out, pseudo_label_source(cfg, epoch), num_x))
+    # Each fusion the step computed, once: one is the pseudo-label source, all are scored against the truth.
+    fusions = ["none"] + (["average"] if out["pred_scaled"] else []) + (["cif"] if out["pred_cif"] else [])
+    probs = {fusion: fused_probs(out, fusion, num_x) for fusion in fusions}
+    confidence, pseudo_label = pseudo_label_from(probs[pseudo_label_source(cfg, epoch)])
     confident = confidence >= cfg["conf_thresh"]
 
     terms = {}
@@ -219,11 +215,8 @@ def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch,
 
     # Pseudo-label quality against the unlabeled ground truth, where it is on disk (Fig. 5).
     truth = unlabeled["mask"].to(device, non_blocking=True)
-    quality["1x"].update(fused_probs(out, "none", num_x).argmax(1), truth)
-    if out["pred_scaled"]:
-        quality["average"].update(fused_probs(out, "average", num_x).argmax(1), truth)
-    if out["pred_cif"]:
-        quality["cif"].update(fused_probs(out, "cif", num_x).argmax(1), truth)
+    for fusion, fusion_probs in probs.items():
+        quality["1x" if fusion == "none" else fusion].update(fusion_probs.argmax(1), truth)
 
     valid = ignore_mask != IGNORE_INDEX
     extras = {"mask_ratio": (confident & valid).float().sum() / valid.float().sum().clamp(min=1)}
