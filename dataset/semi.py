@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from dataset import synthetic
 from dataset.classes import class_names
 from dataset.errors import DatasetError
-from dataset.transforms import cutmix_box, geometric, normalize, strong_photometric
+from dataset.transforms import cutmix_box, geometric, normalize, strong_photometric, to_unit_float
 from util.logging import LOGGER_NAME
 
 __all__ = ["DatasetError", "read_split", "read_image", "read_mask", "load_sample", "SemiDataset", "build_datasets",
@@ -77,13 +77,14 @@ def _unreadable(kind: str, path: Path, error: Exception) -> DatasetError:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """uint8 (3, H, W) RGB tensor."""
+    """uint8 (3, H, W) RGB tensor: a channel-last view of the decoded pixels, so that training copies only its crop."""
     try:
         with Image.open(path) as image:
-            rgb = np.array(image.convert("RGB"))  # PIL decodes lazily: convert() does it inside the try
+            image.load()  # PIL decodes lazily: decoding errors must surface inside the try
+            rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))
     except _DECODE_ERRORS as error:
         raise _unreadable("image", path, error) from error
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def read_mask(path: Path) -> torch.Tensor:
@@ -217,9 +218,10 @@ class SemiDataset(Dataset):
         # The second map starts at 0 everywhere and receives 255 only where padding is added.
         labels = torch.stack([mask, torch.zeros_like(mask)])
         image, labels = geometric(image, labels, self.crop_size, self.scale_range, [self.ignore_index, 255])
+        pixels = to_unit_float(image)
         return {
-            "image_weak": normalize(image),
-            "image_strong": [normalize(strong_photometric(image)) for _ in range(self.strong_views)],
+            "image_weak": normalize(pixels),
+            "image_strong": [normalize(strong_photometric(pixels)) for _ in range(self.strong_views)],
             "cutmix_box": [cutmix_box(self.crop_size) for _ in range(self.strong_views)],
             "ignore_mask": labels[1].long(),
             "mask": labels[0].long(),
