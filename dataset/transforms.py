@@ -54,15 +54,16 @@ def random_rescaled_crop(image: torch.Tensor, labels: torch.Tensor, crop_size: i
     new_width = max(1, round(width * new_long / long_side))
     top = _randint(0, max(new_height, crop_size) - crop_size)
     left = _randint(0, max(new_width, crop_size) - crop_size)
-    rows = _rescaled_window(top, min(crop_size, new_height - top), height, new_height)
-    cols = _rescaled_window(left, min(crop_size, new_width - left), width, new_width)
+    visible_height, visible_width = min(crop_size, new_height - top), min(crop_size, new_width - left)
+    rows = _rescaled_window(top, visible_height, height, new_height)
+    cols = _rescaled_window(left, visible_width, width, new_width)
     image = image[:, rows[0]:rows[1], cols[0]:cols[1]]
     labels = labels[:, rows[0]:rows[1], cols[0]:cols[1]]
     size = [rows[2], cols[2]]
     image = F.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     # NEAREST_EXACT samples pixel centres, as the bilinear image resize does, so labels stay on their pixels.
     labels = F.resize(labels, size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
-    window = (rows[3], cols[3], min(crop_size, new_height - top), min(crop_size, new_width - left))
+    window = (rows[3], cols[3], visible_height, visible_width)
     return pad_to(F.crop(image, *window), F.crop(labels, *window), crop_size, label_fill)
 
 
