@@ -197,6 +197,8 @@ def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch,
     # L_s (Eq. 16): ground truth on the CIF-fused prediction, so CIF learns from labels; else on 1x.
     if out["pred_cif"]:
         terms["supervised"] = sum(criterion_labeled(p[:num_x], mask_x) for p in out["pred_cif"]) / len(image_scales)
+        if cfg["supervise_1x"]:  # the single-scale predictor also learns from labels directly, not via the gate
+            terms["supervised"] = (terms["supervised"] + criterion_labeled(out["pred"][:num_x], mask_x)) / 2
     else:
         terms["supervised"] = criterion_labeled(out["pred"][:num_x], mask_x)
     # L_strong: CutMix-ed strong views supervised by the weak pseudo-labels, averaged over views.

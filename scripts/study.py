@@ -1,8 +1,8 @@
 """The paper's ablations on the synthetic benchmark: every configuration x seed trained with the same CPU
-budget through scripts/train.sh, then evaluated by eval.py; writes docs/results.md (and PNG plots when
-matplotlib is installed).
+budget through scripts/train.sh, then evaluated by eval.py; writes a Markdown report (default docs/study.md) and,
+when matplotlib is installed (`pip install matplotlib`; training never needs it), PNG plots next to it.
 
-    python scripts/study.py [key=value ...] --seeds 0 1 2 [--split 1_16] [--exp-dir exp/study]
+    python scripts/study.py [key=value ...] --seeds 0 1 2 [--runs NAME ...] [--exp-dir exp/study] [--out FILE]
 
 Runs already finished are reused (rerunning the study resumes it). Extra key=value overrides apply to every run
 (e.g. a different budget: epochs=6 iters_per_epoch=40).
@@ -27,10 +27,11 @@ RUNS = {
     "scalematch": ([], "+ ISVC + FSVC + CIF (ScaleMatch)"),
     "average": (["cif=false", "fusion=average"], "+ ISVC + FSVC, fusion: average"),
     "no_warm_up": (["warm_up=0"], "ScaleMatch without warm-up"),
+    "supervise_1x": (["supervise_1x=true"], "ScaleMatch, labeled loss also on 1x (not in the paper)"),
 }
-TABLE4 = ["supervised", "fixmatch", "isvc", "isvc_fsvc", "scalematch"]
+TABLE4 = ["supervised", "fixmatch", "isvc", "isvc_fsvc", "scalematch", "supervise_1x"]
 TABLE6 = ["isvc_fsvc", "average", "scalematch", "no_warm_up"]
-CIF_RUNS = ["scalematch", "no_warm_up"]
+CIF_RUNS = ["scalematch", "no_warm_up", "supervise_1x"]
 
 
 def run(command: list[str]) -> str:
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--split", default="1_16")
     parser.add_argument("--exp-dir", default=os.path.join("exp", "study"))
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--out", default=os.path.join("docs", "results.md"))
+    parser.add_argument("--out", default=os.path.join("docs", "study.md"), help="the report; plots go next to it")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -178,8 +179,8 @@ def write_report(results: dict, args) -> None:
             if per_seed and all(len(c) == epochs for c in per_seed):
                 means = [statistics.mean(c[i] for c in per_seed) for i in range(epochs)]
                 lines.append(f"| {source} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     plot(results, args)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
@@ -194,7 +195,7 @@ def plot(results: dict, args) -> None:
     except ImportError:
         print("matplotlib not installed: no plots")
         return
-    folder = os.path.dirname(args.out)
+    prefix = os.path.splitext(args.out)[0]  # plots sit next to their report: REPORT_scale_robustness.png, ...
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for name in RUNS:
         if name in results:
@@ -205,7 +206,7 @@ def plot(results: dict, args) -> None:
     axis.set_ylabel("mIoU (%)")
     axis.legend(fontsize=6)
     figure.tight_layout()
-    figure.savefig(os.path.join(folder, "scale_robustness.png"), dpi=120)
+    figure.savefig(f"{prefix}_scale_robustness.png", dpi=120)
     if "scalematch" in results:
         figure, axis = plt.subplots(figsize=(5, 3.5))
         for source in ("1x", "average", "cif"):
@@ -218,7 +219,7 @@ def plot(results: dict, args) -> None:
         axis.set_ylabel("pseudo-label mIoU (%)")
         axis.legend()
         figure.tight_layout()
-        figure.savefig(os.path.join(folder, "pseudo_label_quality.png"), dpi=120)
+        figure.savefig(f"{prefix}_pseudo_label_quality.png", dpi=120)
 
 
 if __name__ == "__main__":

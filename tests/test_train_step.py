@@ -97,6 +97,15 @@ def test_ablation_switches_change_the_terms(overrides, expected_terms, has_cif):
     assert (pictures["gate"] is not None) == has_cif
 
 
+def test_supervise_1x_averages_the_fused_and_the_1x_labeled_losses():
+    _, fused_only, _, pictures = step_terms(config())
+    _, both, _, _ = step_terms(config(supervise_1x=True))
+    loss_1x = torch.nn.functional.cross_entropy(pictures["pred_x"], pictures["mask_x"], ignore_index=255)
+    assert torch.allclose(both["supervised"], (fused_only["supervised"] + loss_1x) / 2)
+    assert not torch.allclose(both["supervised"], fused_only["supervised"])
+    assert torch.allclose(both["strong"], fused_only["strong"])  # only L_s changes
+
+
 def test_draw_scales_rules():
     random.seed(0)
     paired = config()

@@ -91,6 +91,8 @@ SCHEMA: dict[str, Key | Section] = {
     "isvc": Key(bool, "ScaleMatch ISVC: supervise the view rescaled by v with the pseudo-label.", default=True),
     "fsvc": Key(bool, "ScaleMatch FSVC: resize the perturbed features by t (needs fp).", default=True),
     "cif": Key(bool, "ScaleMatch CIF: learn a gate fusing the 1x and v predictions.", default=True),
+    "supervise_1x": Key(bool, "With cif: the labeled loss is the mean of the CIF-fused and the 1x prediction's, "
+                        "not the fused one's alone (the release). Without cif it is on 1x anyway.", default=False),
     "fusion": Key(str, "Pseudo-labels after warm-up from: cif, the average of 1x and v, or 1x alone "
                   "(null: cif when cif is on, else none).", nullable=True, choices=("cif", "average", "none")),
     "warm_up": Key(int, "Epochs whose pseudo-labels come from the 1x prediction before fusion takes over.",
