@@ -138,7 +138,8 @@ def write_report(results: dict, args) -> None:
     lines = [
         "# ScaleMatch's claims on the synthetic benchmark", "",
         f"Command: `python scripts/study.py{''.join(f' {o}' for o in args.overrides)} --seeds "
-        f"{' '.join(map(str, args.seeds))} --split {args.split}`, on this repository's CPU machine (2 cores).",
+        f"{' '.join(map(str, args.seeds))} --split {args.split} --runs {' '.join(args.runs)}`, on this "
+        "repository's CPU machine (2 cores).",
         "Every run: `configs/synthetic.yaml` (tv_resnet18 from scratch, crop 96, batch 4+4, the same iteration "
         "budget), differing only in the overrides named. mIoU (%) on the 80 validation images at the end of the "
         "budget, mean ± std over seeds.", "",
