@@ -197,12 +197,23 @@ def plot(results: dict, args) -> None:
         print("matplotlib not installed: no plots")
         return
     prefix = os.path.splitext(args.out)[0]  # plots sit next to their report: REPORT_scale_robustness.png, ...
+    names = [name for name in RUNS if name in results]
+    finals = [[e["final"] for e in results[name]] for name in names]
+    figure, axis = plt.subplots(figsize=(6, 0.4 * len(names) + 1))
+    axis.barh(range(len(names)), [statistics.mean(f) for f in finals],
+              xerr=[statistics.stdev(f) if len(f) > 1 else 0 for f in finals], capsize=3)
+    axis.set_yticks(range(len(names)), [f"{RUNS[n][1]} ({len(f)} seeds)" for n, f in zip(names, finals)], fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("mIoU (%), mean and std over seeds")
+    figure.tight_layout()
+    figure.savefig(f"{prefix}_miou.png", dpi=120)
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for name in RUNS:
         if name in results:
             means = [statistics.mean(e["scales"][i] for e in results[name]) for i in range(3)]
             axis.plot([0.5, 1.0, 2.0], means, marker="o", label=RUNS[name][1])
     axis.set_xscale("log", base=2)
+    axis.set_xticks([0.5, 1.0, 2.0], ["0.5", "1", "2"])
     axis.set_xlabel("input scale")
     axis.set_ylabel("mIoU (%)")
     axis.legend(fontsize=6)
@@ -216,6 +227,7 @@ def plot(results: dict, args) -> None:
                 epochs = min(len(c) for c in per_seed)
                 axis.plot(range(epochs), [statistics.mean(c[i] for c in per_seed) for i in range(epochs)],
                           marker="o", label=source)
+                axis.set_xticks(range(epochs))
         axis.set_xlabel("epoch")
         axis.set_ylabel("pseudo-label mIoU (%)")
         axis.legend()
