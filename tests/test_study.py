@@ -5,7 +5,7 @@ import sys
 from conftest import run
 
 
-def fake_run(exp_dir, name, seed, final, scales, curves=None, multiscale=None):
+def fake_run(exp_dir, name, seed, final, scales, curves=None, multiscale=None, gate=None):
     """A finished study run: its time marker and its cached evaluation, as study.py leaves them."""
     run_dir = exp_dir / "synthetic" / "1_16" / f"{name}_seed{seed}"
     run_dir.mkdir(parents=True)
@@ -13,6 +13,8 @@ def fake_run(exp_dir, name, seed, final, scales, curves=None, multiscale=None):
     entry = {"final": final, "minutes": 2.5, "curves": curves or {}, "scales": scales}
     if multiscale:
         entry["multiscale_cif"], entry["multiscale_avg"] = multiscale
+    if gate:
+        entry["gate"] = gate
     (run_dir / "study_eval.json").write_text(json.dumps(entry))
 
 
@@ -29,7 +31,8 @@ def test_report_averages_seeds_and_skips_unfinished_runs(tmp_path):
     curves = {"1x": [10.0, 20.0], "average": [11.0, 19.0], "cif": [12.0, 21.0]}
     fake_run(exp_dir, "fixmatch", 0, 20.0, [18.0, 20.0, 16.0])
     fake_run(exp_dir, "fixmatch", 1, 24.0, [22.0, 24.0, 18.0])
-    fake_run(exp_dir, "scalematch", 0, 30.0, [28.0, 30.0, 26.0], curves, (31.0, 29.0))
+    gate = {"0.5": {"mean_gate": 0.5, "contested": 12.0, "right": 61.0}}
+    fake_run(exp_dir, "scalematch", 0, 30.0, [28.0, 30.0, 26.0], curves, (31.0, 29.0), gate)
     out = tmp_path / "report.md"
     run([sys.executable, "scripts/study.py", "--report-only", "--exp-dir", str(exp_dir), "--seeds", "0", "1",
          "--runs", "fixmatch", "scalematch", "supervised", "--out", str(out)])
@@ -43,3 +46,5 @@ def test_report_averages_seeds_and_skips_unfinished_runs(tmp_path):
     assert rows(report, "Multi-scale")["+ ISVC + FSVC + CIF (ScaleMatch)"] == [
         "30.00 (1 seed)", "29.00 (1 seed)", "31.00 (1 seed)"]
     assert rows(report, "Fig. 5")["cif"] == ["12.0", "21.0"]
+    assert rows(report, "CIF gate")["+ ISVC + FSVC + CIF (ScaleMatch)"] == [
+        "0.5", "0.50 (1 seed)", "12.00 (1 seed)", "61.00 (1 seed)"]

@@ -1,0 +1,90 @@
+"""Does the trained CIF gate know which scale to trust? On the validation set, for each scale v: where the 1x and the
+v prediction disagree and one of them is right, how often the gate leans to the right one (s > 0.5 leans to 1x);
+also the mean gate and the pixel accuracy of 1x, v and the fused prediction. 50 % there is a coin toss.
+
+    python scripts/cif_gate.py --checkpoint exp/synthetic/1_16/scalematch/latest.pth [--scales 0.5 2.0] [--cpu]
+
+Whole validation images, batch 1, as `eval.py` in `original` mode; prints one Markdown table.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dataset.semi import DatasetError, build_datasets  # noqa: E402
+from model import build_model  # noqa: E402
+from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from util.config import ConfigError, validate  # noqa: E402
+
+IGNORE_INDEX = 255
+COUNTS = ("pixels", "contested", "gate_right", "gate_sum", "right_1x", "right_v", "right_fused")
+
+
+def gate_counts(pred_1x: torch.Tensor, pred_v: torch.Tensor, pred_fused: torch.Tensor, gate: torch.Tensor,
+                mask: torch.Tensor) -> dict[str, float]:
+    """Pixel counts of one batch (class maps and the gate at the mask's size): 'contested' pixels are those where
+    1x and v disagree and one of them is right; 'gate_right' those of them where the gate leans to the right one."""
+    valid = mask != IGNORE_INDEX
+    right_1x, right_v = (pred_1x == mask) & valid, (pred_v == mask) & valid
+    contested = (pred_1x != pred_v) & (right_1x | right_v)
+    leans_right = torch.where(gate > 0.5, right_1x, right_v)
+    return {"pixels": float(valid.sum()), "contested": float(contested.sum()),
+            "gate_right": float((leans_right & contested).sum()), "gate_sum": float(gate[valid].sum()),
+            "right_1x": float(right_1x.sum()), "right_v": float(right_v.sum()),
+            "right_fused": float(((pred_fused == mask) & valid).sum())}
+
+
+def gate_report(model, val_set, scales: list[float], device: torch.device) -> str:
+    totals = {scale: dict.fromkeys(COUNTS, 0.0) for scale in scales}
+    with torch.no_grad():
+        for index in range(len(val_set)):
+            sample = val_set[index]
+            image, mask = sample["image"][None].to(device), sample["mask"][None].to(device)
+            for scale in scales:
+                out = model(image, image_scales=(scale,))
+                counts = gate_counts(out["pred"].argmax(1), out["pred_scaled"][0].argmax(1),
+                                     out["pred_cif"][0].argmax(1), out["gate"][0][:, 0], mask)
+                for key, value in counts.items():
+                    totals[scale][key] += value
+    rows = ["| v | mean gate | contested pixels | gate right where contested | accuracy 1x | accuracy v | "
+            "accuracy fused |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for scale, total in totals.items():
+        pixels = max(total["pixels"], 1.0)
+        rows.append(f"| {scale:g} | {total['gate_sum'] / pixels:.2f} | {total['contested'] / pixels:.1%} | "
+                    f"{total['gate_right'] / max(total['contested'], 1.0):.1%} | {total['right_1x'] / pixels:.1%} | "
+                    f"{total['right_v'] / pixels:.1%} | {total['right_fused'] / pixels:.1%} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 2.0])
+    parser.add_argument("--data-root", help="dataset root, if it moved since training")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    args = parser.parse_args()
+    state = load_checkpoint(args.checkpoint, map_location="cpu")
+    cfg = dict(state["config"])
+    if args.data_root:
+        cfg["data_root"] = os.path.expanduser(args.data_root)
+    cfg = validate(cfg, source=args.checkpoint)
+    if not cfg["cif"]:
+        raise SystemExit(f"error: {args.checkpoint} was trained with cif: false, so it has no gate")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model = build_model(dict(cfg, pretrained=None)).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    _, _, val_set = build_datasets(cfg, cfg["splits_dir"])
+    print(f"checkpoint {args.checkpoint} (epoch {state['epoch']}), {len(val_set)} validation images\n")
+    print(gate_report(model, val_set, args.scales, device))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DatasetError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
