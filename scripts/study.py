@@ -28,10 +28,11 @@ RUNS = {
     "average": (["cif=false", "fusion=average"], "+ ISVC + FSVC, fusion: average"),
     "no_warm_up": (["warm_up=0"], "ScaleMatch without warm-up"),
     "supervise_1x": (["supervise_1x=true"], "ScaleMatch, labeled loss also on 1x (not in the paper)"),
+    "no_quarter": (["img_scales=[0.5,1.5,2.0]"], "ScaleMatch, v in {0.5, 1.5, 2} (no 0.25; not in the paper)"),
 }
-TABLE4 = ["supervised", "fixmatch", "isvc", "isvc_fsvc", "scalematch", "supervise_1x"]
+TABLE4 = ["supervised", "fixmatch", "isvc", "isvc_fsvc", "scalematch", "supervise_1x", "no_quarter"]
 TABLE6 = ["isvc_fsvc", "average", "scalematch", "no_warm_up"]
-CIF_RUNS = ["scalematch", "no_warm_up", "supervise_1x"]
+CIF_RUNS = ["scalematch", "no_warm_up", "supervise_1x", "no_quarter"]
 
 
 def run(command: list[str]) -> str:
