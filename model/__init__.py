@@ -14,4 +14,4 @@ def build_model(cfg: dict) -> ScaleMatchNet:
     if cfg["cif"]:
         cif = CrossScaleInteractionFusion(HEAD_CHANNELS, cfg["cif_channels"], cfg["cif_blocks"],
                                           cfg["cif_gate_channels"])
-    return ScaleMatchNet(DeepLabV3Plus(backbone, cfg["nclass"], cfg["dilations"]), cif)
+    return ScaleMatchNet(DeepLabV3Plus(backbone, cfg["nclass"], cfg["dilations"]), cif, cfg["scaled_views_update_bn"])

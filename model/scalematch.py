@@ -3,6 +3,8 @@
 DistributedDataParallel only synchronises gradients of work done inside ``forward``, so all branches of
 a step (weak view, rescaled views, perturbed and rescaled features, CIF fusion) come from this one call.
 """
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,13 +21,41 @@ def rescale(images: torch.Tensor, scale: float) -> torch.Tensor:
     return resize_to(images, size)
 
 
-class ScaleMatchNet(nn.Module):
-    """A segmenter with ``encode``/``decode`` (DeepLabV3Plus) plus, optionally, the CIF module."""
+@contextmanager
+def running_stats_frozen(module: nn.Module):
+    """Inside, BatchNorm layers in training mode still normalise with batch statistics (gradients unchanged) but
+    leave their running statistics, the ones evaluation uses, as they are."""
+    norms = [m for m in module.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and m.training]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
 
-    def __init__(self, segmenter: nn.Module, cif: CrossScaleInteractionFusion | None = None):
+
+class ScaleMatchNet(nn.Module):
+    """A segmenter with ``encode``/``decode`` (DeepLabV3Plus) plus, optionally, the CIF module.
+
+    The views rescaled by v leave the segmenter's BatchNorm running statistics alone unless
+    ``scaled_views_update_bn``: statistics of 24-pixel (v = 0.25) to 2x views are not those of the 1x images that
+    evaluation sees, and mixing them in cost 1x mIoU on the synthetic benchmark (docs/results.md).
+    """
+
+    def __init__(self, segmenter: nn.Module, cif: CrossScaleInteractionFusion | None = None,
+                 scaled_views_update_bn: bool = False):
         super().__init__()
         self.segmenter = segmenter
         self.cif = cif
+        self.scaled_views_update_bn = scaled_views_update_bn
+
+    def _encode_decode_scaled(self, images: torch.Tensor, scale: float):
+        if self.scaled_views_update_bn:
+            return self.segmenter.decode(*self.segmenter.encode(rescale(images, scale)))
+        with running_stats_frozen(self.segmenter):
+            return self.segmenter.decode(*self.segmenter.encode(rescale(images, scale)))
 
     @property
     def backbone(self) -> nn.Module:
@@ -50,7 +80,7 @@ class ScaleMatchNet(nn.Module):
             logits_fp, _ = self.segmenter.decode(low, high, perturb=True, feature_scale=feature_scale)
             out["pred_fp"] = resize_to(logits_fp, size)
         for scale in image_scales:
-            logits_v, features_v = self.segmenter.decode(*self.segmenter.encode(rescale(images, scale)))
+            logits_v, features_v = self._encode_decode_scaled(images, scale)
             out["pred_scaled"].append(resize_to(logits_v, size))
             if self.cif is not None:
                 fused, gate = self.cif(features, features_v, logits, logits_v)

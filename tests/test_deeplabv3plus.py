@@ -152,6 +152,7 @@ def _config(**overrides):
         "dilations": [6, 12, 18],
         "pretrained": None,
         "cif": False,
+        "scaled_views_update_bn": False,
     }
     cfg.update(overrides)
     return cfg

@@ -91,6 +91,9 @@ SCHEMA: dict[str, Key | Section] = {
     "isvc": Key(bool, "ScaleMatch ISVC: supervise the view rescaled by v with the pseudo-label.", default=True),
     "fsvc": Key(bool, "ScaleMatch FSVC: resize the perturbed features by t (needs fp).", default=True),
     "cif": Key(bool, "ScaleMatch CIF: learn a gate fusing the 1x and v predictions.", default=True),
+    "scaled_views_update_bn": Key(bool, "Let the passes of the views rescaled by v update the BatchNorm running "
+                                  "statistics (the release does; evaluation then normalises 1x images with "
+                                  "statistics mixed across scales).", default=False),
     "supervise_1x": Key(bool, "With cif: the labeled loss is the mean of the CIF-fused and the 1x prediction's, "
                         "not the fused one's alone (the release). Without cif it is on 1x anyway.", default=False),
     "fusion": Key(str, "Pseudo-labels after warm-up from: cif, the average of 1x and v, or 1x alone "
