@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--out", default=os.path.join("docs", "study.md"), help="the report; plots go next to it")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
+    parser.add_argument("--note", help="a paragraph under the report's title (e.g. the commit the runs used)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
@@ -149,7 +150,7 @@ def main() -> None:
 
 def write_report(results: dict, args) -> None:
     lines = [
-        "# ScaleMatch's claims on the synthetic benchmark", "",
+        "# ScaleMatch's claims on the synthetic benchmark", "", *([args.note, ""] if args.note else []),
         f"Command: `python scripts/study.py{''.join(f' {o}' for o in args.overrides)} --seeds "
         f"{' '.join(map(str, args.seeds))} --split {args.split} --runs {' '.join(args.runs)}`, on this "
         "repository's CPU machine (2 cores).",

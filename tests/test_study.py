@@ -35,8 +35,9 @@ def test_report_averages_seeds_and_skips_unfinished_runs(tmp_path):
     fake_run(exp_dir, "scalematch", 0, 30.0, [28.0, 30.0, 26.0], curves, (31.0, 29.0), gate)
     out = tmp_path / "report.md"
     run([sys.executable, "scripts/study.py", "--report-only", "--exp-dir", str(exp_dir), "--seeds", "0", "1",
-         "--runs", "fixmatch", "scalematch", "supervised", "--out", str(out)])
+         "--runs", "fixmatch", "scalematch", "supervised", "--out", str(out), "--note", "Runs of commit abc."])
     report = out.read_text()
+    assert report.splitlines()[2] == "Runs of commit abc."
     table4 = rows(report, "Table 4")
     assert table4["FixMatch baseline"][0] == "22.00 ± 2.83 (2 seeds)"
     assert table4["+ ISVC + FSVC + CIF (ScaleMatch)"][0] == "30.00 (1 seed)"
