@@ -3,7 +3,7 @@
 DistributedDataParallel only synchronises gradients of work done inside ``forward``, so all branches of
 a step (weak view, rescaled views, perturbed and rescaled features, CIF fusion) come from this one call.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,7 @@ class ScaleMatchNet(nn.Module):
         self.scaled_views_update_bn = scaled_views_update_bn
 
     def _encode_decode_scaled(self, images: torch.Tensor, scale: float):
-        if self.scaled_views_update_bn:
-            return self.segmenter.decode(*self.segmenter.encode(rescale(images, scale)))
-        with running_stats_frozen(self.segmenter):
+        with nullcontext() if self.scaled_views_update_bn else running_stats_frozen(self.segmenter):
             return self.segmenter.decode(*self.segmenter.encode(rescale(images, scale)))
 
     @property
