@@ -184,11 +184,11 @@ def cutmix_box(size: int, p: float = 0.5, area_range: tuple[float, float] = (0.0
 
 
 def to_unit_float(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float32 in [0, 1]."""
+    """uint8 (3, H, W) -> float32 in [0, 1]; a float32 image is returned as it is."""
     return F.to_dtype(image, torch.float32, scale=True)
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W), or float32 already in [0, 1] -> contiguous float32 standardised with the ImageNet
     statistics."""
-    return F.normalize(F.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD).contiguous()
+    return F.normalize(to_unit_float(image), IMAGENET_MEAN, IMAGENET_STD).contiguous()

@@ -43,10 +43,11 @@ def gate_report(model, val_set, scales: list[float], device: torch.device) -> st
         for index in range(len(val_set)):
             sample = val_set[index]
             image, mask = sample["image"][None].to(device), sample["mask"][None].to(device)
-            for scale in scales:
-                out = model(image, image_scales=(scale,))
-                counts = gate_counts(out["pred"].argmax(1), out["pred_scaled"][0].argmax(1),
-                                     out["pred_cif"][0].argmax(1), out["gate"][0][:, 0], mask)
+            out = model(image, image_scales=tuple(scales))  # one 1x pass shared by every scale
+            pred_1x = out["pred"].argmax(1)
+            for branch, scale in enumerate(scales):
+                counts = gate_counts(pred_1x, out["pred_scaled"][branch].argmax(1), out["pred_cif"][branch].argmax(1),
+                                     out["gate"][branch][:, 0], mask)
                 for key, value in counts.items():
                     totals[scale][key] += value
     rows = ["| v | mean gate | contested pixels | gate right where contested | accuracy 1x | accuracy v | "
