@@ -62,10 +62,13 @@ def train(name: str, seed: int, args) -> tuple[str, float] | None:
     return run_dir, minutes
 
 
+def miou_of(output: str) -> float:
+    return float(re.findall(r"^mIoU\s+([\d.]+)", output, re.M)[-1])
+
+
 def final_miou(run_dir: str) -> float:
     """mIoU of the last epoch (the budget's end; best-epoch selection on val would flatter every method)."""
-    log = open(os.path.join(run_dir, "train.log")).read()
-    return float(re.findall(r"^mIoU\s+([\d.]+)", log, re.M)[-1])
+    return miou_of(open(os.path.join(run_dir, "train.log")).read())
 
 
 def pseudo_label_curves(run_dir: str) -> dict[str, list[float]]:
@@ -79,10 +82,6 @@ def pseudo_label_curves(run_dir: str) -> dict[str, list[float]]:
 
 def evaluate(run_dir: str, *flags: str) -> str:
     return run([sys.executable, "eval.py", "--cpu", "--checkpoint", os.path.join(run_dir, "latest.pth"), *flags])
-
-
-def miou_of(output: str) -> float:
-    return float(re.findall(r"^mIoU\s+([\d.]+)", output, re.M)[-1])
 
 
 def scale_mious(run_dir: str, scales: list[float]) -> list[float]:
