@@ -99,6 +99,6 @@ class ScaleMatchNet(nn.Module):
         logits, features = self.segmenter.decode(*self.segmenter.encode(images))
         fused = logits
         for scale in scales:
-            logits_v, features_v = self.segmenter.decode(*self.segmenter.encode(rescale(images, scale)))
+            logits_v, features_v = self._encode_decode_scaled(images, scale)
             fused, _ = self.cif(features, features_v, fused, logits_v)
         return resize_to(fused, size)
