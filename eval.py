@@ -23,7 +23,7 @@ from dataset.classes import class_names, class_palette
 from dataset.semi import DatasetError, build_datasets, load_sample
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from model import build_model
-from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint
+from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint, load_model_state
 from util.config import ConfigError, validate
 from util.dist import cleanup, init_distributed
 from util.inference import center_crop, predict_probs, rescaled_predictor
@@ -149,6 +149,22 @@ def predict_folder(predict: Callable, image_dir: str, save_dir: str, cfg: dict, 
     return len(images)
 
 
+def load_trained_model(checkpoint: str, device: torch.device, data_root: str | None = None) -> tuple:
+    """(model in eval mode on ``device``, validated config, checkpoint dict) of a checkpoint written by training or
+    by scripts/convert_release_checkpoint.py; a network that does not fit its tensors is a one-line CheckpointError."""
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise CheckpointError(f"{checkpoint}: not a scalematch checkpoint (no 'config' and 'model'); a checkpoint of "
+                              "the authors' release needs scripts/convert_release_checkpoint.py first")
+    cfg = dict(state["config"])
+    if data_root:
+        cfg["data_root"] = os.path.expanduser(data_root)
+    cfg = validate(cfg, source=checkpoint)
+    model = build_model(dict(cfg, pretrained=None))
+    load_model_state(model, state["model"], checkpoint)
+    return model.to(device).eval(), cfg, state
+
+
 def build_predictor(model, args) -> Callable:
     """Single-scale, multi-scale through the CIF gate, or multi-scale softmax average; optionally with flips."""
     if args.multiscale_cif and args.multiscale_avg:
@@ -217,14 +233,7 @@ def main(argv=None) -> None:
         if not os.path.exists(checkpoint):
             checkpoint = os.path.join(run, "latest.pth")
     rank, world_size, _, device = init_distributed(force_cpu=args.cpu)
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    cfg = dict(state["config"])
-    if args.data_root:
-        cfg["data_root"] = os.path.expanduser(args.data_root)
-    cfg = validate(cfg, source=checkpoint)
-    model = build_model(dict(cfg, pretrained=None)).to(device)
-    model.load_state_dict(state["model"])
-    model.eval()
+    model, cfg, state = load_trained_model(checkpoint, device, args.data_root)
     amp_dtype = autocast_dtype(cfg, device)
     if args.predict_dir is not None:
         # A checkpoint whose eval_mode is center_crop predicts whole images.

@@ -24,7 +24,7 @@ from dataset.semi import DatasetError, build_datasets, dataset_summary
 from eval import autocast_dtype, denormalize, evaluate
 from model import build_model
 from model.backbone import PretrainedError
-from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from util.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from util.config import ConfigError, dump_config, load_config
 from util.dist import all_reduce_sum, barrier, cleanup, init_distributed
 from util.logging import setup_logger
@@ -87,6 +87,7 @@ def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: dict, iteration: int, total_iters: int) -> float:
+    """lr * (1 - iteration / total_iters) ** poly_power on every group (scaled by its lr_scale); returns it."""
     lr = cfg["lr"] * (1 - iteration / total_iters) ** cfg["poly_power"]
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
@@ -305,7 +306,8 @@ def train_one_epoch(model, optimizer, scaler, loaders, cfg, progress, iters_per_
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        lr = set_poly_lr(optimizer, cfg, iteration, total_iters)
+        # The next step's rate from this step's 0-based index, as the release schedules it.
+        lr = set_poly_lr(optimizer, cfg, progress["iteration"], total_iters)
         progress["iteration"] = iteration
         progress["step"] += 1
 
@@ -357,7 +359,7 @@ def log_step_pictures(writer, pictures: dict, palette, step: int) -> None:
 
 # Keys that define the experiment: resuming a run with any of them changed would mix two experiments.
 EXPERIMENT_KEYS = ("dataset", "split", "nclass", "train_mode", "backbone", "replace_stride_with_dilation",
-                   "dilations", "cif", "cif_channels", "cif_blocks", "cif_gate_channels")
+                   "dilations", "cif", "cif_channels", "cif_blocks", "cif_gate_channels", "cif_gate")
 
 
 def check_resume_config(saved: dict, cfg: dict, path: str, logger) -> None:
@@ -380,7 +382,7 @@ def resume(path: str, net, optimizer, scaler, cfg: dict, device, iters_per_epoch
     """Restore a run from ``path``; returns where to continue (epoch, step within it, iteration, best mIoU)."""
     state = load_checkpoint(path, map_location=device)
     check_resume_config(state["config"], cfg, path, logger)
-    net.load_state_dict(state["model"])
+    load_model_state(net, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])

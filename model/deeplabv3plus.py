@@ -2,16 +2,15 @@
 
 The network is split into ``encode`` (backbone) and ``decode`` (head) so that training can run the decoder again
 on perturbed (UniMatch's feature perturbation) or rescaled (ScaleMatch's feature scale variation) features
-without re-running the backbone.
+without re-running the backbone. Layers keep PyTorch's default initialisation, as in the release and UniMatch.
 """
 
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.backbone import init_conv_bn_
+from util.resize import rescale, resize_to
 
 HEAD_CHANNELS = 256
 LOW_LEVEL_CHANNELS = 48
@@ -32,10 +31,6 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dil
     )
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-
-
 class ImagePooling(nn.Module):
     """ASPP's image-level branch: global average, 1x1 conv + BN + ReLU, broadcast back to the input grid."""
 
@@ -45,7 +40,7 @@ class ImagePooling(nn.Module):
         self.conv = _conv_bn_relu(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _resize(self.conv(self.pool(x)), x.shape[-2:])
+        return resize_to(self.conv(self.pool(x)), x.shape[-2:])
 
 
 class ASPP(nn.Module):
@@ -59,10 +54,7 @@ class ASPP(nn.Module):
             + [_conv_bn_relu(in_channels, out_channels, kernel_size=3, dilation=d) for d in dilations]
             + [ImagePooling(in_channels, out_channels)]
         )
-        self.project = nn.Sequential(
-            _conv_bn_relu(len(self.branches) * out_channels, out_channels),
-            nn.Dropout2d(0.5),
-        )
+        self.project = _conv_bn_relu(len(self.branches) * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
@@ -87,41 +79,38 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(HEAD_CHANNELS, nclass, kernel_size=1)
         # A module (not functional dropout) so that, as in UniMatch, the perturbation is active in train mode only.
         self.feature_dropout = nn.Dropout2d(0.5)
-        for head_module in (self.aspp, self.reduce, self.fuse):
-            init_conv_bn_(head_module)
-        # Small initial logits: a fan-out kaiming init over few classes starts with logits of magnitude ~10.
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features ``(low, high)``: c1 (stride 4) and c4."""
         features = self.backbone(x)
         return features[0], features[-1]
 
-    def decode(
-        self,
-        low: torch.Tensor,
-        high: torch.Tensor,
-        perturb: bool = False,
-        feature_scale: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the head on encoder features; return ``(logits, features)`` on the low-level grid.
 
         ``features`` are the 256-channel fuse output that the classifier reads.
-        ``feature_scale`` first resizes both inputs bilinearly by that factor, so the outputs lie on the resized
-        low-level grid. ``perturb`` applies Dropout2d(0.5) to both inputs; like any dropout module it acts only in
-        train mode, so in eval mode ``perturb=True`` decodes the clean features.
         """
-        if feature_scale != 1.0:
-            low = _resize(low, [max(1, round(side * feature_scale)) for side in low.shape[-2:]])
-            high = _resize(high, [max(1, round(side * feature_scale)) for side in high.shape[-2:]])
-        if perturb:
-            low, high = self.feature_dropout(low), self.feature_dropout(high)
-        context = _resize(self.aspp(high), low.shape[-2:])
+        context = resize_to(self.aspp(high), low.shape[-2:])
         features = self.fuse(torch.cat([self.reduce(low), context], dim=1))
         return self.classifier(features), features
+
+    def decode_perturbed(self, low: torch.Tensor, high: torch.Tensor,
+                         feature_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The release's (and UniMatch's) feature-perturbation pass: both inputs resized by ``feature_scale``
+        (sizes floored), then one decoder batch [clean, Dropout2d(0.5)(clean)]. Returns the clean half's
+        ``(logits, features)`` and the perturbed half's logits, on the resized low-level grid.
+
+        In train mode the clean half is normalised with statistics of the whole batch, perturbed half included,
+        as in the release; in eval mode the dropout is off and both halves are the clean decoding.
+        """
+        if feature_scale != 1.0:
+            low, high = rescale(low, feature_scale), rescale(high, feature_scale)
+        logits, features = self.decode(torch.cat((low, self.feature_dropout(low))),
+                                       torch.cat((high, self.feature_dropout(high))))
+        logits_clean, logits_perturbed = logits.chunk(2)
+        return logits_clean, features.chunk(2)[0], logits_perturbed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input's spatial size."""
         logits, _ = self.decode(*self.encode(x))
-        return _resize(logits, x.shape[-2:])
+        return resize_to(logits, x.shape[-2:])

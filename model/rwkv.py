@@ -400,15 +400,16 @@ class ChannelMix(nn.Module):
 class VRWKVBlock(nn.Module):
     """Pre-norm Vision-RWKV block: x + drop_path(gamma1 * SpatialMix(LN(x))), then the same with ChannelMix.
 
-    ``layer_id`` / ``n_layers`` place the block in its stack for the depth-dependent fancy init.
+    ``layer_id`` / ``n_layers`` place the block in its stack for the depth-dependent fancy init; ``norm_eps`` is the
+    epsilon of its two LayerNorms.
     """
 
     def __init__(self, dim: int, hidden_rate: int = 4, shift_pixel: int = 1, gamma: float = 0.25,
                  layer_scale: float = 1e-2, drop_path: float = 0.0, layer_id: int = 0, n_layers: int = 1,
-                 key_norm: bool = False):
+                 key_norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.ln2 = nn.LayerNorm(dim)
+        self.ln1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.ln2 = nn.LayerNorm(dim, eps=norm_eps)
         self.att = SpatialMix(dim, layer_id, n_layers, shift_pixel, gamma, key_norm)
         self.ffn = ChannelMix(dim, layer_id, n_layers, shift_pixel, gamma, hidden_rate, key_norm)
         self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale))

@@ -6,19 +6,10 @@ a step (weak view, rescaled views, perturbed and rescaled features, CIF fusion) 
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.cif import CrossScaleInteractionFusion
-
-
-def resize_to(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-
-
-def rescale(images: torch.Tensor, scale: float) -> torch.Tensor:
-    size = [max(1, round(side * scale)) for side in images.shape[-2:]]
-    return resize_to(images, size)
+from util.resize import rescale, resize_to
 
 
 @contextmanager
@@ -37,53 +28,69 @@ def running_stats_frozen(module: nn.Module):
 
 
 class ScaleMatchNet(nn.Module):
-    """A segmenter with ``encode``/``decode`` (DeepLabV3Plus) plus, optionally, the CIF module.
+    """A segmenter with ``encode``/``decode``/``decode_perturbed`` (DeepLabV3Plus) plus, optionally, the CIF module.
 
-    The views rescaled by v leave the segmenter's BatchNorm running statistics alone unless
+    The views rescaled by v update the segmenter's BatchNorm running statistics, as in the release, only with
     ``scaled_views_update_bn``: statistics of 24-pixel (v = 0.25) to 2x views are not those of the 1x images that
     evaluation sees, and mixing them in cost 1x mIoU on the synthetic benchmark (docs/results.md).
     """
 
     def __init__(self, segmenter: nn.Module, cif: CrossScaleInteractionFusion | None = None,
-                 scaled_views_update_bn: bool = False):
+                 scaled_views_update_bn: bool = True):
         super().__init__()
         self.segmenter = segmenter
         self.cif = cif
         self.scaled_views_update_bn = scaled_views_update_bn
 
-    def _encode_decode_scaled(self, images: torch.Tensor, scale: float):
-        with nullcontext() if self.scaled_views_update_bn else running_stats_frozen(self.segmenter):
-            return self.segmenter.decode(*self.segmenter.encode(rescale(images, scale)))
-
     @property
     def backbone(self) -> nn.Module:
         return self.segmenter.backbone
+
+    def _one_x(self, images: torch.Tensor, feature_scale: float | None):
+        """The 1x view: logits at the image size, decoder features (the CIF's grid), perturbed logits or None."""
+        size = images.shape[-2:]
+        low, high = self.segmenter.encode(images)
+        if feature_scale is None:
+            logits, features = self.segmenter.decode(low, high)
+            return resize_to(logits, size), features, None
+        logits, features, logits_fp = self.segmenter.decode_perturbed(low, high, feature_scale)
+        return resize_to(logits, size), features, resize_to(logits_fp, size)
+
+    def _scaled_view(self, images: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view rescaled by ``scale``: logits at that view's image size, and its decoder features."""
+        view = rescale(images, scale)
+        with nullcontext() if self.scaled_views_update_bn else running_stats_frozen(self.segmenter):
+            logits, features = self.segmenter.decode(*self.segmenter.encode(view))
+        return resize_to(logits, view.shape[-2:]), features
 
     def forward(self, images: torch.Tensor, feature_scale: float | None = None,
                 image_scales: tuple[float, ...] = ()) -> dict:
         """Named predictions, all logits at the image size:
 
-        pred        the weak (1x) view
-        pred_fp     with ``feature_scale`` t: the decoder on dropout-perturbed encoder features resized by t
+        pred        the weak (1x) view; with ``feature_scale`` t decoded from features resized by t, as the clean
+                    half of the perturbed batch (the release's pred_ori)
+        pred_fp     with ``feature_scale``: the decoder on Dropout2d-perturbed encoder features resized by t
                     (UniMatch's feature perturbation at t = 1, ScaleMatch's FSVC otherwise)
-        pred_scaled one per v in ``image_scales``: the view rescaled by v, resized back (ISVC)
+        pred_scaled one per v in ``image_scales``: the view rescaled by v, resized to its own size, then to 1x (ISVC)
         pred_cif    one per v when the CIF module exists: the 1x and v predictions fused by the gate
-        gate        one per v: the CIF gate s (weight of the 1x prediction) at the image size
+        gate        one per v: the weight of the 1x prediction in that fusion, at the image size
         """
         size = images.shape[-2:]
-        low, high = self.segmenter.encode(images)
-        logits, features = self.segmenter.decode(low, high)
-        out = {"pred": resize_to(logits, size), "pred_scaled": [], "pred_cif": [], "gate": []}
-        if feature_scale is not None:
-            logits_fp, _ = self.segmenter.decode(low, high, perturb=True, feature_scale=feature_scale)
-            out["pred_fp"] = resize_to(logits_fp, size)
+        # Views in the release's order, lower resolution first: the order decides BatchNorm's running statistics.
+        views = {scale: self._scaled_view(images, scale) for scale in image_scales if scale <= 1}
+        pred, features, pred_fp = self._one_x(images, feature_scale)
+        views.update({scale: self._scaled_view(images, scale) for scale in image_scales if scale > 1})
+        out = {"pred": pred, "pred_scaled": [], "pred_cif": [], "gate": []}
+        if pred_fp is not None:
+            out["pred_fp"] = pred_fp
         for scale in image_scales:
-            logits_v, features_v = self._encode_decode_scaled(images, scale)
-            out["pred_scaled"].append(resize_to(logits_v, size))
+            logits_v, features_v = views[scale]
+            pred_v = resize_to(logits_v, size)
+            out["pred_scaled"].append(pred_v)
             if self.cif is not None:
-                fused, gate = self.cif(features, features_v, logits, logits_v)
-                out["pred_cif"].append(resize_to(fused, size))
-                out["gate"].append(resize_to(gate, size))
+                fused, gate = self.cif(features, pred, features_v, pred_v if scale > 1 else logits_v, scale)
+                out["pred_cif"].append(fused)
+                out["gate"].append(gate)
         return out
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -91,14 +98,15 @@ class ScaleMatchNet(nn.Module):
         return self.segmenter(images)
 
     def predict_multiscale_cif(self, images: torch.Tensor, scales: tuple[float, ...]) -> torch.Tensor:
-        """Fuse the 1x prediction with the prediction at each scale in turn through the trained CIF gate
-        (the paper's multi-scale inference): p <- s * p + (1 - s) * p_v, s from the 1x and v features."""
+        """The paper's multi-scale inference through the trained gate: starting from the 1x prediction, fuse the
+        running prediction with the view at each scale in turn, p <- CIF(p, p_v), the gate computed from the 1x and
+        v features and weighting the lower-resolution side, exactly as in training."""
         if self.cif is None:
             raise ValueError("multi-scale CIF inference needs a model trained with cif: true")
         size = images.shape[-2:]
-        logits, features = self.segmenter.decode(*self.segmenter.encode(images))
-        fused = logits
+        fused, features, _ = self._one_x(images, None)
         for scale in scales:
-            logits_v, features_v = self._encode_decode_scaled(images, scale)
-            fused, _ = self.cif(features, features_v, fused, logits_v)
-        return resize_to(fused, size)
+            logits_v, features_v = self._scaled_view(images, scale)
+            fused, _ = self.cif(features, fused, features_v, resize_to(logits_v, size) if scale > 1 else logits_v,
+                                scale)
+        return fused

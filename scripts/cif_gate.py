@@ -7,7 +7,6 @@ also the mean gate and the pixel accuracy of 1x, v and the fused prediction. 50 
 Whole validation images, batch 1, as `eval.py` in `original` mode; prints one Markdown table.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset.semi import DatasetError, build_datasets  # noqa: E402
-from model import build_model  # noqa: E402
-from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from util.config import ConfigError, validate  # noqa: E402
+from eval import load_trained_model  # noqa: E402
+from util.checkpoint import CheckpointError  # noqa: E402
+from util.config import ConfigError  # noqa: E402
 
 IGNORE_INDEX = 255
 COUNTS = ("pixels", "contested", "gate_right", "gate_sum", "right_1x", "right_v", "right_fused")
@@ -67,17 +66,10 @@ def main() -> None:
     parser.add_argument("--data-root", help="dataset root, if it moved since training")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     args = parser.parse_args()
-    state = load_checkpoint(args.checkpoint, map_location="cpu")
-    cfg = dict(state["config"])
-    if args.data_root:
-        cfg["data_root"] = os.path.expanduser(args.data_root)
-    cfg = validate(cfg, source=args.checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model, cfg, state = load_trained_model(args.checkpoint, device, args.data_root)
     if not cfg["cif"]:
         raise SystemExit(f"error: {args.checkpoint} was trained with cif: false, so it has no gate")
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    model = build_model(dict(cfg, pretrained=None)).to(device)
-    model.load_state_dict(state["model"])
-    model.eval()
     _, _, val_set = build_datasets(cfg, cfg["splits_dir"])
     print(f"checkpoint {args.checkpoint} (epoch {state['epoch']}), {len(val_set)} validation images\n")
     print(gate_report(model, val_set, args.scales, device))

@@ -48,6 +48,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from error
 
 
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``model.load_state_dict(state_dict)``, strictly; tensors missing, unexpected or of another shape are one
+    CheckpointError naming the first few (e.g. a checkpoint written for another config or an older network)."""
+    target = model.state_dict()
+    missing = [name for name in target if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in target]
+    misshaped = [f"{name} {tuple(state_dict[name].shape)} vs {tuple(tensor.shape)}" for name, tensor in target.items()
+                 if name in state_dict and state_dict[name].shape != tensor.shape]
+    problems = [f"{len(names)} {kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                if names]
+    if problems:
+        raise CheckpointError(f"{path}: its tensors do not fit the network of its config: {'; '.join(problems)}")
+    model.load_state_dict(state_dict)
+
+
 def find_latest_run(exp_dir: str | os.PathLike) -> Path | None:
     """The run directory anywhere under `exp_dir` (runs live in exp/DATASET/SPLIT/NAME) whose best.pth or
     latest.pth was written last, or None."""

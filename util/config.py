@@ -92,10 +92,11 @@ SCHEMA: dict[str, Key | Section] = {
     "fsvc": Key(bool, "ScaleMatch FSVC: resize the perturbed features by t (needs fp).", default=True),
     "cif": Key(bool, "ScaleMatch CIF: learn a gate fusing the 1x and v predictions.", default=True),
     "scaled_views_update_bn": Key(bool, "Let the passes of the views rescaled by v update the BatchNorm running "
-                                  "statistics (the release does; evaluation then normalises 1x images with "
-                                  "statistics mixed across scales).", default=False),
+                                  "statistics, as the release does (evaluation then normalises 1x images with "
+                                  "statistics mixed across scales; false keeps them to the 1x views).", default=True),
     "supervise_1x": Key(bool, "With cif: the labeled loss is the mean of the CIF-fused and the 1x prediction's, "
-                        "not the fused one's alone (the release). Without cif it is on 1x anyway.", default=False),
+                        "not the fused one's alone (the release: fused alone). Without cif it is on 1x anyway.",
+                        default=False),
     "fusion": Key(str, "Pseudo-labels after warm-up from: cif, the average of 1x and v, or 1x alone "
                   "(null: cif when cif is on, else none).", nullable=True, choices=("cif", "average", "none")),
     "warm_up": Key(int, "Epochs whose pseudo-labels come from the 1x prediction before fusion takes over.",
@@ -107,9 +108,15 @@ SCHEMA: dict[str, Key | Section] = {
     "feature_scales": Key(list, "Feature scales t of FSVC.", default=[0.75, 1.0, 1.25], item=float, gt=0),
     "feature_scale_rule": Key(str, "paired: t <= 1 when v > 1 and t >= 1 when v < 1 (the released logs); "
                               "random: any t.", default="paired", choices=("paired", "random")),
-    "cif_channels": Key(int, "Channels of CIF after the 1x1 reduction (the RWKV width).", default=32, ge=4),
-    "cif_blocks": Key(int, "Vision-RWKV blocks in CIF.", default=1, ge=1),
-    "cif_gate_channels": Key(int, "Channels of the gate's point-wise conv.", default=32, ge=1),
+    "cif_channels": Key(int, "Channels of CIF after the 1x1 reduction (the RWKV width; the release: 32).", default=32,
+                        ge=4),
+    "cif_blocks": Key(int, "Vision-RWKV blocks in CIF (the release: 1).", default=1, ge=1),
+    "cif_gate_channels": Key(int, "Channels of the gate's second depth-wise stage (the release: 128).", default=128,
+                             ge=1),
+    "cif_gate": Key(str, "Scale-Aware Gate and fusion. release: squeeze-excitation over the concatenated decoder "
+                    "features and the interacted features, the gate applied at the lower-resolution prediction's "
+                    "size; paper: over the interacted features alone, gate and predictions blended at the 1x image "
+                    "size (Eqs. 10-13 as written).", default="release", choices=("release", "paper")),
     "loss_weights": Section("Weights of the unsupervised loss terms.", {
         "strong": Key(float, "Weight of the strong-view loss, shared equally by the strong views.", default=0.25,
                       ge=0),

@@ -6,7 +6,8 @@ Every function takes ``predict(images) -> logits`` and returns class probabiliti
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from util.resize import rescale, resize_to
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -63,8 +64,5 @@ def predict_probs(predict: Predictor, images: torch.Tensor, mode: str, crop_size
 def rescaled_predictor(predict: Predictor, scale: float) -> Predictor:
     """A predictor that runs ``predict`` on a copy rescaled by ``scale`` and resizes logits back."""
     def rescaled(batch: torch.Tensor) -> torch.Tensor:
-        size = batch.shape[-2:]
-        scaled_size = [max(1, round(s * scale)) for s in size]
-        scaled = F.interpolate(batch, size=scaled_size, mode="bilinear", align_corners=True)
-        return F.interpolate(predict(scaled).float(), size=size, mode="bilinear", align_corners=True)
+        return resize_to(predict(rescale(batch, scale)).float(), batch.shape[-2:])
     return rescaled
