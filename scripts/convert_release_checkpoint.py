@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", required=True, help="config describing the release's network, e.g. "
                                                          "configs/pascal.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. nclass=19)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     state = convert(args.release_checkpoint, args.out, args.config, args.overrides)
     cfg = state["config"]
     print(f"wrote {args.out}: {len(state['model'])} tensors, {cfg['dataset']} {cfg['backbone']} nclass {cfg['nclass']}, "
