@@ -72,10 +72,12 @@ def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: l
 
 
 def autocast_dtype(cfg: dict, device: torch.device):
-    """bf16 where the GPU supports it, fp16 (with GradScaler) otherwise, None (off) on the CPU."""
+    """The autocast dtype of ``amp_dtype`` on a GPU with amp on (float16 takes a GradScaler), None (off) otherwise."""
     if not cfg["amp"] or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cfg["amp_dtype"] == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"amp_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16")
+    return torch.bfloat16 if cfg["amp_dtype"] == "bfloat16" else torch.float16
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ worker, against a UniMatch-style PIL pipeline; 5 evaluation images per second; 6
 relative to a large matrix multiply.
 
 Defaults fit a small CPU (tv_resnet18, crop 96, batch 2); with --device cuda they are the Pascal setting (resnet101
-with the deep stem, crop 513, batch 2 labeled + 2 unlabeled, bf16 autocast). Models are randomly initialised and
+with the deep stem, crop 513, batch 2 labeled + 2 unlabeled, fp16 autocast as the release). Models are randomly initialised and
 inputs synthetic: speed and memory do not depend on the weights. --quick shrinks everything to check that the suite
 runs (its numbers mean nothing). On a CPU shared with other work, --threads 1 keeps timings stable: with every core
 busy, each multi-threaded op waits for its slowest thread.

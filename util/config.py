@@ -132,6 +132,9 @@ SCHEMA: dict[str, Key | Section] = {
                                         default=[False, False, True], item=bool, length=3),
     "dilations": Key(list, "Atrous rates of the ASPP branches.", default=[6, 12, 18], item=int, length=3, ge=1),
     "amp": Key(bool, "Automatic mixed precision on CUDA.", default=True),
+    "amp_dtype": Key(str, "Autocast dtype with amp: float16 with a gradient scaler (the release), or bfloat16 (no "
+                     "scaler, a float32 exponent range; needs an Ampere or newer GPU).", default="float16",
+                     choices=("float16", "bfloat16")),
     "deterministic": Key(bool, "Deterministic algorithms: reproducible, slower.", default=False),
     "seed": Key(int, "Random seed.", default=42, ge=0),
     "eval_mode": Key(str, "Validation inference: whole image, centre crop, or sliding windows of crop_size.",
