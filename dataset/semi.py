@@ -21,13 +21,17 @@ from torch.utils.data import Dataset
 from dataset import synthetic
 from dataset.classes import class_names
 from dataset.errors import DatasetError
-from dataset.transforms import cutmix_box, geometric, normalize, strong_photometric, to_unit_float
+from dataset.transforms import (cutmix_box, geometric, label_tensor, normalize, normalize_pil, release_cutmix_box,
+                                release_geometric, release_strong_photometric, strong_photometric, to_pil,
+                                to_unit_float)
+from util.config import SCHEMA
 from util.logging import LOGGER_NAME
 
 __all__ = ["DatasetError", "read_split", "read_image", "read_mask", "load_sample", "SemiDataset", "build_datasets",
            "dataset_summary"]
 
 MODES = ("train_l", "train_u", "val")
+AUGMENTATIONS = SCHEMA["augmentation"].choices
 EXAMPLES_SHOWN = 5  # paths named in an error about many files
 # What PIL raises on a file it cannot decode: not an image, truncated, corrupt chunks, absurd size.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -158,15 +162,22 @@ class SemiDataset(Dataset):
              ground truth when on disk (all ignore_index otherwise), only for measuring pseudo-label quality.
     val:     {'image', 'mask', 'id'} at full resolution.
 
+    augmentation picks the training pipeline of dataset.transforms: fast (on tensors, the default here) or release
+    (the release's, on PIL images; build_datasets passes the config's, release by default). Both give the same keys,
+    shapes and dtypes.
+
     Every listed image (and, outside train_u, mask) must exist; `source` names the samples' split file in errors.
     `listed` is the number of samples before the labeled set is repeated to nsample.
     """
 
     def __init__(self, root: str | Path, samples: list[tuple[str, str | None]], mode: str, nclass: int,
                  crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), strong_views: int = 2,
-                 nsample: int | None = None, ignore_index: int = 255, source: str = "split"):
+                 nsample: int | None = None, ignore_index: int = 255, source: str = "split",
+                 augmentation: str = "fast"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
         self.root = Path(root).expanduser()
         self.mode = mode
         self.nclass = nclass
@@ -174,6 +185,7 @@ class SemiDataset(Dataset):
         self.scale_range = tuple(scale_range)
         self.strong_views = strong_views
         self.ignore_index = ignore_index
+        self.augmentation = augmentation
         self.samples = self._resolve(samples, source)
         self.listed = len(self.samples)
         # Repeat the (small) labeled set to the unlabeled set's length so one epoch walks both once.
@@ -211,6 +223,9 @@ class SemiDataset(Dataset):
         if self.mode == "val":
             return {"image": normalize(image), "mask": mask.long(), "id": image_id}
 
+        if self.augmentation == "release":
+            return self._release_item(to_pil(image), to_pil(mask))
+
         if self.mode == "train_l":
             image, labels = geometric(image, mask[None], self.crop_size, self.scale_range, self.ignore_index)
             return {"image": normalize(image), "mask": labels[0].long()}
@@ -226,6 +241,24 @@ class SemiDataset(Dataset):
             "ignore_mask": labels[1].long(),
             "mask": labels[0].long(),
         }
+
+    def _release_item(self, image: Image.Image, mask: Image.Image) -> dict:
+        """A train_l or train_u item through the release's PIL pipeline."""
+        if self.mode == "train_l":
+            image, (mask,) = release_geometric(image, [mask], self.crop_size, self.scale_range, [self.ignore_index])
+            return {"image": normalize_pil(image), "mask": label_tensor(mask)}
+
+        # As in the fast path, a second map receives 255 only where padding is added (the release pads its mask
+        # with 254 instead, which a class 254 would collide with).
+        labels = [mask, Image.new("L", image.size, 0)]
+        image, (mask, padding) = release_geometric(image, labels, self.crop_size, self.scale_range,
+                                                   [self.ignore_index, 255])
+        strong, boxes = [], []
+        for _ in range(self.strong_views):  # each view's colours, then its box: the release's order of draws
+            strong.append(normalize_pil(release_strong_photometric(image)))
+            boxes.append(release_cutmix_box(self.crop_size))
+        return {"image_weak": normalize_pil(image), "image_strong": strong, "cutmix_box": boxes,
+                "ignore_mask": label_tensor(padding), "mask": label_tensor(mask)}
 
 
 def _split_file(splits_dir: Path, cfg: dict, *parts: str) -> Path:
@@ -273,10 +306,12 @@ def build_datasets(cfg: dict, splits_dir: str | Path = "splits") -> tuple[SemiDa
 
     nclass, crop_size = cfg["nclass"], cfg["crop_size"]
     scale_range, strong_views = tuple(cfg["scale_range"]), cfg["strong_views"]
+    # A config assembled without util.config (tests, scripts) may lack the key: it then gets the schema's default.
+    augmentation = cfg.get("augmentation", SCHEMA["augmentation"].default)
     labeled_ds = SemiDataset(root, labeled, "train_l", nclass, crop_size, scale_range, strong_views,
-                             nsample=len(unlabeled), source=str(labeled_path))
+                             nsample=len(unlabeled), source=str(labeled_path), augmentation=augmentation)
     unlabeled_ds = SemiDataset(root, unlabeled, "train_u", nclass, crop_size, scale_range, strong_views,
-                               source=str(unlabeled_path))
+                               source=str(unlabeled_path), augmentation=augmentation)
     val_ds = SemiDataset(root, val, "val", nclass, crop_size, source=str(val_path))
     return labeled_ds, unlabeled_ds, val_ds
 

@@ -1,13 +1,23 @@
-"""Training augmentation in the UniMatch recipe, on tensors: geometry on uint8, colour on float32 in [0, 1].
+"""Training augmentation in the UniMatch recipe, two ways (config key `augmentation`).
 
-Geometric transforms take an image (3, H, W) and a stack of label maps (K, H, W) and move them together: the image
-is resized bilinearly, the label maps with nearest neighbour, so every pixel keeps its label.
+fast: on tensors, geometry on uint8, colour on float32 in [0, 1]. Geometric transforms take an image (3, H, W) and
+a stack of label maps (K, H, W) and move them together: the image is resized bilinearly, the label maps with nearest
+neighbour, so every pixel keeps its label.
+
+release (the release_* functions): the ScaleMatch release's pipeline on PIL images, with its PIL and torchvision
+calls and its random draws from Python's, NumPy's and torch's generators in its order. Label maps are PIL images
+moved with the image (nearest neighbour) in the same way.
 """
 
 import math
+import random
 
+import numpy as np
 import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms
 from torchvision.transforms import v2
+from torchvision.transforms.functional import to_tensor
 from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -192,3 +202,104 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W), or float32 already in [0, 1] -> contiguous float32 standardised with the ImageNet
     statistics."""
     return F.normalize(to_unit_float(image), IMAGENET_MEAN, IMAGENET_STD).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# release: the ScaleMatch release's pipeline on PIL images
+
+# Stateless modules: each call draws its order and factors (ColorJitter) or its coin (RandomGrayscale) from torch.
+RELEASE_COLOUR_JITTER = transforms.ColorJitter(0.5, 0.5, 0.5, 0.25)
+RELEASE_GRAYSCALE = transforms.RandomGrayscale(p=0.2)
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """uint8 (3, H, W) tensor -> RGB image, uint8 (H, W) tensor -> L image."""
+    array = pixels.permute(1, 2, 0).numpy() if pixels.ndim == 3 else pixels.numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def release_rescale(image: Image.Image, labels: list[Image.Image], scale_range: tuple[float, float]
+                    ) -> tuple[Image.Image, list[Image.Image]]:
+    """Resize the whole image (bilinear) and its label maps (nearest) so that the long side becomes an integer drawn
+    uniformly from [int(long * lo), int(long * hi)]; the short side keeps the aspect ratio, rounded half up."""
+    width, height = image.size
+    long_side = max(width, height)
+    # max(1, ...) only matters for images a few pixels wide, which the release would fail to resize.
+    new_long = max(1, random.randint(int(long_side * scale_range[0]), int(long_side * scale_range[1])))
+    new_short = max(1, int(min(width, height) * new_long / long_side + 0.5))
+    size = (new_short, new_long) if height > width else (new_long, new_short)
+    return (image.resize(size, Image.Resampling.BILINEAR),
+            [label.resize(size, Image.Resampling.NEAREST) for label in labels])
+
+
+def release_crop(image: Image.Image, labels: list[Image.Image], crop_size: int, label_fills: list[int]
+                 ) -> tuple[Image.Image, list[Image.Image]]:
+    """Pad right and bottom up to crop_size (the image with 0, each label map with its fill), then crop a crop_size
+    square whose left, then top, edge is drawn uniformly."""
+    width, height = image.size
+    border = (0, 0, max(0, crop_size - width), max(0, crop_size - height))
+    if border[2] or border[3]:
+        image = ImageOps.expand(image, border=border, fill=0)
+        labels = [ImageOps.expand(label, border=border, fill=fill) for label, fill in zip(labels, label_fills)]
+    left = random.randint(0, image.size[0] - crop_size)
+    top = random.randint(0, image.size[1] - crop_size)
+    box = (left, top, left + crop_size, top + crop_size)
+    return image.crop(box), [label.crop(box) for label in labels]
+
+
+def release_hflip(image: Image.Image, labels: list[Image.Image], p: float = 0.5
+                  ) -> tuple[Image.Image, list[Image.Image]]:
+    if random.random() < p:
+        flip = Image.Transpose.FLIP_LEFT_RIGHT
+        return image.transpose(flip), [label.transpose(flip) for label in labels]
+    return image, labels
+
+
+def release_geometric(image: Image.Image, labels: list[Image.Image], crop_size: int, scale_range: tuple[float, float],
+                      label_fills: list[int]) -> tuple[Image.Image, list[Image.Image]]:
+    """Rescale the whole image, pad, crop and flip it with its label maps: the release's training geometry."""
+    image, labels = release_rescale(image, labels, scale_range)
+    return release_hflip(*release_crop(image, labels, crop_size, label_fills))
+
+
+def release_strong_photometric(image: Image.Image) -> Image.Image:
+    """ColorJitter(0.5, 0.5, 0.5, 0.25) with p=0.8, RandomGrayscale(p=0.2), then PIL's Gaussian blur with radius
+    sigma drawn from [0.1, 2.0] with p=0.5, on an RGB image, drawn afresh per call."""
+    if random.random() < 0.8:
+        image = RELEASE_COLOUR_JITTER(image)
+    image = RELEASE_GRAYSCALE(image)
+    if random.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
+    return image
+
+
+def release_cutmix_box(size: int, p: float = 0.5, area_range: tuple[float, float] = (0.02, 0.4),
+                       aspect_range: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+    """int64 (size, size) map, 1 inside a random box with probability p (all 0 otherwise), by the release's rule.
+
+    The area is a fraction of the square drawn from area_range, height/width is drawn from aspect_range and the sides
+    are floored to whole pixels; aspect and top-left corner (uniform over the square) are redrawn until the box fits.
+    """
+    box = torch.zeros(size, size, dtype=torch.int64)
+    if random.random() > p:
+        return box
+    area = np.random.uniform(*area_range) * size * size
+    while True:
+        aspect = np.random.uniform(*aspect_range)
+        box_width, box_height = int(np.sqrt(area / aspect)), int(np.sqrt(area * aspect))
+        left, top = np.random.randint(0, size), np.random.randint(0, size)
+        if left + box_width <= size and top + box_height <= size:
+            break
+    box[top:top + box_height, left:left + box_width] = 1
+    return box
+
+
+def normalize_pil(image: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 (3, H, W) standardised with the ImageNet statistics; through ToTensor's division by 255,
+    bit-identical to the release."""
+    return normalize(to_tensor(image))
+
+
+def label_tensor(labels: Image.Image) -> torch.Tensor:
+    """L image -> int64 (H, W) tensor."""
+    return torch.from_numpy(np.asarray(labels, dtype=np.int64))
