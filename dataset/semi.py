@@ -306,8 +306,7 @@ def build_datasets(cfg: dict, splits_dir: str | Path = "splits") -> tuple[SemiDa
 
     nclass, crop_size = cfg["nclass"], cfg["crop_size"]
     scale_range, strong_views = tuple(cfg["scale_range"]), cfg["strong_views"]
-    # A config assembled without util.config (tests, scripts) may lack the key: it then gets the schema's default.
-    augmentation = cfg.get("augmentation", SCHEMA["augmentation"].default)
+    augmentation = cfg["augmentation"]
     labeled_ds = SemiDataset(root, labeled, "train_l", nclass, crop_size, scale_range, strong_views,
                              nsample=len(unlabeled), source=str(labeled_path), augmentation=augmentation)
     unlabeled_ds = SemiDataset(root, unlabeled, "train_u", nclass, crop_size, scale_range, strong_views,

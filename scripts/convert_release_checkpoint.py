@@ -63,6 +63,6 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, CheckpointError, ReleaseStateError) as error:
+    except (ConfigError, CheckpointError, ReleaseStateError, OSError) as error:  # OSError: e.g. OUT not writable
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

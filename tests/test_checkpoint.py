@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint, save_checkpoint
+from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint, load_model_state, save_checkpoint
 
 
 def training_state():
@@ -140,3 +140,31 @@ def test_find_latest_run_in_dataset_split_layout(tmp_path):
         (run / "latest.pth").write_bytes(b"x")
         os.utime(run / "latest.pth", (stamp, stamp))
     assert find_latest_run(tmp_path / "exp") == newer
+
+
+def test_load_model_state_loads_a_fitting_state_dict():
+    torch.manual_seed(0)
+    source, target = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(3, 4, 3),
+                                                                                          nn.BatchNorm2d(4))
+    load_model_state(target, source.state_dict(), "ckpt.pth")
+    assert_same(target.state_dict(), source.state_dict())
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda state: state.pop("0.bias"), "1 missing (0.bias)"),
+    (lambda state: state.update({"2.weight": torch.ones(1)}), "1 unexpected (2.weight)"),
+    (lambda state: state.update({"1.weight": torch.ones(5)}), "1 mis-shaped (1.weight (5,) vs (4,))"),
+    (lambda state: state.clear(), "7 missing (0.weight, 0.bias, 1.weight, ...)"),
+])
+def test_load_model_state_names_what_does_not_fit_in_one_line(change, expected):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    state = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
+    change(state)
+    with pytest.raises(CheckpointError) as caught:
+        load_model_state(model, state, "run/latest.pth")
+    message = str(caught.value)
+    assert message.startswith("run/latest.pth: its tensors do not fit the network of its config: ")
+    assert expected in message and "\n" not in message
+    assert_same(model.state_dict(), before)  # nothing was loaded

@@ -39,7 +39,8 @@ def test_cif_gate_prints_a_row_per_scale(tiny_voc, tmp_path):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert 0 <= float(cells[1]) <= 1 and all(cell.endswith("%") for cell in cells[2:])
 
-    torch.save({"model": {}, "config": dict(cfg, cif=False, fusion="none"), "epoch": 0}, tmp_path / "plain.pth")
+    plain_cfg = dict(cfg, cif=False, fusion="none")
+    torch.save({"model": build_model(plain_cfg).state_dict(), "config": plain_cfg, "epoch": 0}, tmp_path / "plain.pth")
     refused = run([sys.executable, "scripts/cif_gate.py", "--checkpoint", str(tmp_path / "plain.pth"), "--cpu"],
                   check=False)
     assert refused.returncode != 0 and "cif: false" in refused.stderr

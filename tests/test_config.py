@@ -45,6 +45,15 @@ def test_defaults_fill_a_minimal_file(tmp_path):
     assert type(cfg) is dict and type(cfg["loss_weights"]) is dict
 
 
+def test_network_defaults_are_the_release(tmp_path):
+    cfg = load(tmp_path)
+    assert (cfg["cif_channels"], cfg["cif_blocks"], cfg["cif_gate_channels"]) == (32, 1, 128)
+    assert cfg["cif_gate"] == "release" and cfg["scaled_views_update_bn"] is True
+    assert load(tmp_path, overrides=["cif_gate=paper"])["cif_gate"] == "paper"
+    message = error_of(tmp_path, overrides=["cif_gate=both"])
+    assert "'cif_gate' must be one of release, paper" in message
+
+
 def test_defaults_are_copies(tmp_path):
     load(tmp_path)["scale_range"].append(9.0)
     assert load(tmp_path)["scale_range"] == [0.5, 2.0]

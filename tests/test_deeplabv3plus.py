@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -24,20 +25,44 @@ def encoded(model):
         return model.encode(torch.randn(2, 3, 64, 64))
 
 
+@pytest.fixture(scope="module")
+def odd_features():
+    """Encoder-shaped features on a 17x17 low-level and 5x5 deep grid, where floor and round disagree at t = 0.75."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(2, 64, 17, 17, generator=generator).relu(), torch.randn(2, 512, 5, 5, generator=generator).relu()
+
+
+def _resized(features, sides):
+    return [F.interpolate(x, size=(side, side), mode="bilinear", align_corners=True) for x, side in zip(features, sides)]
+
+
 def test_encode_returns_c1_and_c4(model, encoded):
     low, high = encoded
     assert low.shape == (2, 64, 16, 16)
     assert high.shape == (2, 512, 4, 4)
 
 
-@pytest.mark.parametrize("feature_scale, side", [(1.0, 16), (0.75, 12), (1.25, 20)])
-@pytest.mark.parametrize("perturb", [False, True])
-def test_decode_shapes(model, encoded, feature_scale, side, perturb):
+def test_decode_shapes(model, encoded):
     model.train()
     with torch.no_grad():
-        logits, features = model.decode(*encoded, perturb=perturb, feature_scale=feature_scale)
-    assert logits.shape == (2, NCLASS, side, side)
+        logits, features = model.decode(*encoded)
+    assert logits.shape == (2, NCLASS, 16, 16)
+    assert features.shape == (2, 256, 16, 16)
+
+
+# 17 * 0.75 = 12.75 -> 12 and 5 * 0.75 = 3.75 -> 3 (round would give 13 and 4); 17 * 1.25 = 21.25 -> 21, 5 -> 6.
+@pytest.mark.parametrize("feature_scale, side", [(1.0, 17), (0.75, 12), (1.25, 21)])
+@pytest.mark.parametrize("train", [False, True])
+def test_decode_perturbed_shapes_are_floored(model, odd_features, feature_scale, side, train):
+    model.train(train)
+    seen = []
+    hook = model.aspp.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2:]))
+    with torch.no_grad():
+        logits, features, logits_fp = model.decode_perturbed(*odd_features, feature_scale)
+    hook.remove()
+    assert logits.shape == logits_fp.shape == (2, NCLASS, side, side)
     assert features.shape == (2, 256, side, side)
+    assert seen == [(math.floor(5 * feature_scale),) * 2]
 
 
 def test_logits_are_the_classifier_applied_to_features(model, encoded):
@@ -45,39 +70,70 @@ def test_logits_are_the_classifier_applied_to_features(model, encoded):
     with torch.no_grad():
         logits, features = model.decode(*encoded)
         torch.testing.assert_close(logits, model.classifier(features))
+        logits, features, _ = model.decode_perturbed(*encoded, 0.75)
+        torch.testing.assert_close(logits, model.classifier(features))
 
 
-def test_feature_scale_decodes_the_resized_inputs(model, encoded):
-    low, high = encoded
+def test_decode_perturbed_in_eval_mode_is_decode_of_the_resized_features(model, odd_features):
     model.eval()
     with torch.no_grad():
-        scaled, _ = model.decode(low, high, feature_scale=0.5)
-        resized_low = F.interpolate(low, size=(8, 8), mode="bilinear", align_corners=True)
-        resized_high = F.interpolate(high, size=(2, 2), mode="bilinear", align_corners=True)
-        manual, _ = model.decode(resized_low, resized_high)
-        clean, _ = model.decode(low, high)
-    torch.testing.assert_close(scaled, manual)
-    assert scaled.shape[-2:] != clean.shape[-2:]
+        logits, features, logits_fp = model.decode_perturbed(*odd_features, 0.75)
+        manual_logits, manual_features = model.decode(*_resized(odd_features, (12, 3)))
+        unscaled, _ = model.decode(*odd_features)
+    torch.testing.assert_close(logits, manual_logits)
+    torch.testing.assert_close(features, manual_features)
+    # No dropout in eval mode: the "perturbed" half is the clean decoding.
+    torch.testing.assert_close(logits_fp, logits)
+    assert unscaled.shape[-2:] == (17, 17)
 
 
-def _decoder_inputs(model, encoded, perturb):
-    """What the low-level reduce conv and the ASPP receive during one decode."""
+def test_decode_perturbed_in_train_mode_is_one_batch_of_clean_and_dropped_features(model, odd_features):
+    model.train()
+    resized = _resized(odd_features, (12, 3))
+    joint_model, clean_model, perturbed_model = (copy.deepcopy(model) for _ in range(3))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        logits, features, logits_fp = perturbed_model.decode_perturbed(*odd_features, 0.75)
+        # The same two Dropout2d draws by hand, then one decoder batch [clean, dropped].
+        torch.manual_seed(5)
+        dropped = [joint_model.feature_dropout(x) for x in resized]
+        joint_logits, joint_features = joint_model.decode(*(torch.cat((x, d)) for x, d in zip(resized, dropped)))
+        clean_only, _ = clean_model.decode(*resized)
+    torch.testing.assert_close(logits, joint_logits[:2])
+    torch.testing.assert_close(features, joint_features[:2])
+    torch.testing.assert_close(logits_fp, joint_logits[2:])
+    assert not torch.allclose(logits_fp, logits, atol=1e-3)
+    # BatchNorm normalises the clean half with statistics of the whole batch, perturbed half included ...
+    assert not torch.allclose(logits, clean_only, atol=1e-3)
+    # ... and its running statistics take them in too.
+    for name, buffer in perturbed_model.named_buffers():
+        if "running" in name:
+            torch.testing.assert_close(buffer, dict(joint_model.named_buffers())[name])
+    assert not all(torch.equal(buffer, dict(clean_model.named_buffers())[name])
+                   for name, buffer in perturbed_model.named_buffers() if "running" in name)
+
+
+def _decoder_inputs(model, features, feature_scale=1.0):
+    """What the low-level reduce conv and the ASPP receive during one decode_perturbed."""
     seen = {}
     hooks = [
         model.reduce.register_forward_pre_hook(lambda m, args: seen.__setitem__("low", args[0])),
         model.aspp.register_forward_pre_hook(lambda m, args: seen.__setitem__("high", args[0])),
     ]
     with torch.no_grad():
-        model.decode(*encoded, perturb=perturb)
+        model.decode_perturbed(*features, feature_scale)
     for hook in hooks:
         hook.remove()
     return seen["low"], seen["high"]
 
 
-def test_perturbation_drops_whole_channels_in_train_mode(model, encoded):
+def test_perturbation_drops_whole_channels_of_the_second_half_in_train_mode(model, encoded):
     model.train()
     torch.manual_seed(3)
-    for clean, perturbed in zip(encoded, _decoder_inputs(model, encoded, perturb=True)):
+    for clean, seen in zip(encoded, _decoder_inputs(model, encoded)):
+        assert len(seen) == 2 * len(clean)
+        torch.testing.assert_close(seen[:2], clean, rtol=0, atol=0)
+        perturbed = seen[2:]
         # Dropout2d(0.5): each channel of each sample is zeroed or doubled.
         live = clean.sum(dim=(2, 3)) > 0
         ratio = perturbed.sum(dim=(2, 3))[live] / clean.sum(dim=(2, 3))[live]
@@ -86,13 +142,21 @@ def test_perturbation_drops_whole_channels_in_train_mode(model, encoded):
         assert 0.3 < zeroed.float().mean().item() < 0.7
 
 
-def test_perturbation_is_off_in_eval_mode_and_without_perturb(model, encoded):
+def test_perturbation_is_off_in_eval_mode(model, encoded):
     model.eval()
-    for clean, seen in zip(encoded, _decoder_inputs(model, encoded, perturb=True)):
-        torch.testing.assert_close(seen, clean, rtol=0, atol=0)
+    for clean, seen in zip(encoded, _decoder_inputs(model, encoded)):
+        torch.testing.assert_close(seen, torch.cat((clean, clean)), rtol=0, atol=0)
+
+
+def test_aspp_has_no_dropout(model, encoded):
+    assert not any(isinstance(m, torch.nn.Dropout2d) for m in model.aspp.modules())
     model.train()
-    for clean, seen in zip(encoded, _decoder_inputs(model, encoded, perturb=False)):
-        torch.testing.assert_close(seen, clean, rtol=0, atol=0)
+    high = encoded[1]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = model.aspp(high)
+        torch.manual_seed(1)
+        torch.testing.assert_close(model.aspp(high), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("size", [(65, 97), (64, 64), (33, 50)])
@@ -126,13 +190,20 @@ def test_aspp_uses_the_given_dilations(model):
     assert [m.padding for m in atrous] == [(2, 2), (4, 4), (6, 6)]
 
 
-def test_head_initialisation():
+def test_head_keeps_pytorch_default_initialisation():
+    """As the release (and UniMatch): no Kaiming-normal head, no std-0.01 classifier. A default Conv2d draws its
+    weights and bias from U(-b, b), b = 1 / sqrt(fan_in), so the weights' std is b / sqrt(3)."""
+    torch.manual_seed(0)
     head = DeepLabV3Plus(build_backbone("tv_resnet18"), NCLASS)
-    fuse_conv = head.fuse[0][0]
-    expected_std = math.sqrt(2.0 / (fuse_conv.out_channels * 9))
-    assert fuse_conv.weight.std().item() == pytest.approx(expected_std, rel=0.02)
+    for conv in (head.fuse[0][0], head.aspp.branches[1][0], head.aspp.project[0], head.classifier):
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        bound = 1 / math.sqrt(fan_in)
+        assert conv.weight.abs().max().item() <= bound
+        assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
     assert torch.all(head.fuse[0][1].weight == 1) and torch.all(head.fuse[0][1].bias == 0)
-    assert torch.all(head.classifier.bias == 0)
+    bias_bound = 1 / math.sqrt(head.classifier.in_channels)
+    assert head.classifier.bias.abs().max().item() <= bias_bound
+    assert head.classifier.bias.abs().min().item() > 0
 
 
 def test_channels_follow_the_bottleneck_backbone():

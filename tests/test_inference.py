@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from util.inference import center_crop, predict_probs, predict_sliding_window, rescaled_predictor, window_starts
+from util.resize import rescale, resize_to, scaled_size
 
 
 def pointwise_predictor(nclass: int = 5):
@@ -69,3 +70,30 @@ def test_rescaled_predictor_returns_input_size():
     out = rescaled_predictor(predict, 0.5)(images)
     assert out.shape == (1, 5, 30, 44)
     assert tuple(calls[-1][-2:]) == (15, 22)
+
+
+def test_rescaled_predictor_floors_the_rescaled_size():
+    predict, calls = pointwise_predictor()
+    images = torch.randn(1, 3, 17, 45)
+    out = rescaled_predictor(predict, 0.75)(images)
+    assert out.shape == (1, 5, 17, 45)
+    assert tuple(calls[-1][-2:]) == (12, 33)  # 12.75 and 33.75 floored, as the release's F.interpolate(scale_factor)
+    scaled = F.interpolate(images, size=(12, 33), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(out, F.interpolate(predict(scaled), size=(17, 45), mode="bilinear", align_corners=True))
+
+
+def test_scaled_size_is_what_interpolate_with_a_scale_factor_gives():
+    for size, scale in [((17, 33), 0.75), ((65, 65), 0.5), ((21, 10), 1.25), ((7, 9), 1.5), ((40, 48), 2.0)]:
+        expected = F.interpolate(torch.zeros(1, 1, *size), scale_factor=scale).shape[-2:]
+        assert scaled_size(size, scale) == list(expected), (size, scale)
+    assert scaled_size((17, 33), 0.75) == [12, 24]
+    assert scaled_size((3, 2), 0.25) == [1, 1]  # never empty
+
+
+def test_rescale_and_resize_to_are_bilinear_with_aligned_corners():
+    x = torch.randn(2, 3, 17, 33)
+    torch.testing.assert_close(rescale(x, 0.75),
+                               F.interpolate(x, size=(12, 24), mode="bilinear", align_corners=True))
+    # Aligned corners: the corner values survive any resize.
+    y = resize_to(x, (5, 40))
+    torch.testing.assert_close(y[..., [0, 0, -1, -1], [0, -1, 0, -1]], x[..., [0, 0, -1, -1], [0, -1, 0, -1]])

@@ -161,7 +161,7 @@ def test_missing_files_are_named_with_their_source(tmp_path):
 
 def _cfg(root: Path, **overrides) -> dict:
     cfg = {"dataset": "pascal", "data_root": str(root), "split": "92", "crop_size": 32, "scale_range": [0.5, 2.0],
-           "strong_views": 2, "nclass": 21}
+           "strong_views": 2, "nclass": 21, "augmentation": "release"}
     return cfg | overrides
 
 

@@ -1,6 +1,7 @@
 """End to end on CPU through the user-facing commands: scripts/train.sh, resume, torchrun, eval.py."""
 import glob
 import os
+import re
 import sys
 
 import pytest
@@ -37,6 +38,25 @@ def test_rerun_resumes_from_latest(trained_run):
     assert state["iteration"] == 4
     assert state["config"]["epochs"] == 2
     assert set(state) >= {"model", "optimizer", "scaler", "best_miou"}
+
+
+def test_poly_lr_after_a_step_uses_that_steps_zero_based_index(trained_run):
+    """As the release: after step i (0-based) the rate becomes lr * (1 - i / total) ** p, so the first step leaves
+    the base rate and the last one does not reach zero."""
+    _, run_dir, _, _ = trained_run
+    state = torch.load(os.path.join(run_dir, "latest.pth"), map_location="cpu", weights_only=True)
+    cfg = state["config"]
+    logged = re.findall(r"iter (\d+)/(\d+) lr (\S+)", open(os.path.join(run_dir, "train.log")).read())
+    # The first run's 2 steps of 2, then the rerun's steps 3 and 4 of 4.
+    assert [(int(i), int(total)) for i, total, _ in logged] == [(1, 2), (2, 2), (3, 4), (4, 4)]
+    assert logged[0][2] == f"{cfg['lr']:.2e}"  # after the first step: still the base rate
+    for index, total, lr in logged:
+        expected = cfg["lr"] * (1 - (int(index) - 1) / int(total)) ** cfg["poly_power"]
+        assert float(lr) == pytest.approx(expected, rel=1e-2), (index, total, lr)
+    # The optimizer's groups hold the rate of the step after the last: index 3 of 4, times each group's scale.
+    expected = cfg["lr"] * (1 - 3 / 4) ** cfg["poly_power"]
+    groups = state["optimizer"]["param_groups"]
+    assert [group["lr"] for group in groups] == pytest.approx([expected, expected * cfg["lr_multi"]], rel=1e-9)
 
 
 def test_eval_on_checkpoint_saves_palette_predictions(trained_run, tmp_path):
