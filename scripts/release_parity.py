@@ -21,6 +21,7 @@ key=value overrides configs/pascal.yaml for this codebase's side, e.g. cif_gate=
 takes the network from the release.
 """
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -79,11 +80,16 @@ class Worst:
         return all(relative <= TOLERANCE for _, relative, _, _ in self.rows.values())
 
 
-def gate_recorder(model):
-    """The CIF gate_head's output of the last call (the gate on the CIF grid, weight of the lower-resolution view)."""
-    seen = []
-    model.cif.gate_head.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
-    return seen
+@contextlib.contextmanager
+def last_output(module):
+    """Inside, {"out": ...} holds ``module``'s output of its last call (here the gate on the CIF grid, the weight of
+    the lower-resolution view); the hook is removed on leaving."""
+    seen = {}
+    handle = module.register_forward_hook(lambda _, args, out: seen.update(out=out.detach()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def compare_case(worst: Worst, mode: str, ours: dict, gate: torch.Tensor, release: dict, with_fp: bool) -> None:
@@ -98,26 +104,24 @@ def compare_case(worst: Worst, mode: str, ours: dict, gate: torch.Tensor, releas
 def eval_parity(tool, net, model, worst: Worst, seed: int) -> None:
     x = tool.reference_input(65, 2, seed)
     reference = tool.release_outputs(net, x, seed=seed)
-    gates = gate_recorder(model)
-    with torch.no_grad(), tool.deterministic_dropout(seed):
+    with torch.no_grad(), tool.deterministic_dropout(seed), last_output(model.cif.gate_head) as gate:
         worst.add("eval", "predict / predict", model.predict(x), reference["predict"])
         for case in reference["cases"]:
             out = model(x, feature_scale=case["t"], image_scales=(case["v"],))
-            compare_case(worst, "eval", out, gates[-1], case, with_fp=False)
+            compare_case(worst, "eval", out, gate["out"], case, with_fp=False)
 
 
 def train_parity(tool, net, model, worst: Worst, seed: int) -> None:
     labeled, unlabeled = tool.reference_input(65, 2, seed + 10), tool.reference_input(65, 2, seed + 20)
     batch = torch.cat((labeled, unlabeled))
-    gates, release_gates = gate_recorder(model), []
-    net.scale_attn.register_forward_hook(lambda module, args, out: release_gates.append(out.detach()))
     net.train(), model.train()
-    with torch.no_grad(), tool.deterministic_dropout(seed):
+    with (torch.no_grad(), tool.deterministic_dropout(seed), last_output(model.cif.gate_head) as gate,
+          last_output(net.scale_attn) as release_gate):
         for v in tool.IMAGE_SCALES:
             for t in tool.FEATURE_SCALES:
-                release = dict(net.two_scale_forward(batch, v, t), gate=release_gates[-1])
+                release = dict(net.two_scale_forward(batch, v, t), gate=release_gate["out"])
                 out = model(batch, feature_scale=t, image_scales=(v,))
-                compare_case(worst, "train", out, gates[-1], release, with_fp=True)
+                compare_case(worst, "train", out, gate["out"], release, with_fp=True)
         worst.add("train", "strong view model(x) / pred", model(unlabeled)["pred"], net(unlabeled))
     net.eval(), model.eval()
     ours = {name: tensor for name, tensor in model.segmenter.state_dict().items() if "running_" in name}
