@@ -1,12 +1,14 @@
 """Does the trained CIF gate know which scale to trust? On the validation set, for each scale v: where the 1x and the
 v prediction disagree and one of them is right, how often the gate leans to the right one (s > 0.5 leans to 1x);
-also the mean gate and the pixel accuracy of 1x, v and the fused prediction. 50 % there is a coin toss.
+also the gate's mean and standard deviation over the valid pixels and the pixel accuracy of 1x, v and the fused
+prediction. 50 % there is a coin toss.
 
     python scripts/cif_gate.py --checkpoint exp/synthetic/1_16/scalematch/latest.pth [--scales 0.5 2.0] [--cpu]
 
 Whole validation images, batch 1, as `eval.py` in `original` mode; prints one Markdown table.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from util.checkpoint import CheckpointError  # noqa: E402
 from util.config import ConfigError  # noqa: E402
 
 IGNORE_INDEX = 255
-COUNTS = ("pixels", "contested", "gate_right", "gate_sum", "right_1x", "right_v", "right_fused")
+COUNTS = ("pixels", "contested", "gate_right", "gate_sum", "gate_square_sum", "right_1x", "right_v", "right_fused")
 
 
 def gate_counts(pred_1x: torch.Tensor, pred_v: torch.Tensor, pred_fused: torch.Tensor, gate: torch.Tensor,
@@ -32,8 +34,29 @@ def gate_counts(pred_1x: torch.Tensor, pred_v: torch.Tensor, pred_fused: torch.T
     leans_right = torch.where(gate > 0.5, right_1x, right_v)
     return {"pixels": float(valid.sum()), "contested": float(contested.sum()),
             "gate_right": float((leans_right & contested).sum()), "gate_sum": float(gate[valid].sum()),
+            # In float64: the variance is a difference of two sums over every validation pixel.
+            "gate_square_sum": float(gate[valid].double().square().sum()),
             "right_1x": float(right_1x.sum()), "right_v": float(right_v.sum()),
             "right_fused": float(((pred_fused == mask) & valid).sum())}
+
+
+def gate_figures(total: dict[str, float]) -> dict[str, float]:
+    """One scale's figures from its pixel counts summed over the validation set (fractions, not percentages)."""
+    pixels = max(total["pixels"], 1.0)
+    mean = total["gate_sum"] / pixels
+    # Rounding can leave E[s^2] - E[s]^2 a hair below zero for a constant gate.
+    variance = max(total["gate_square_sum"] / pixels - mean ** 2, 0.0)
+    return {"mean gate": mean, "gate std": math.sqrt(variance), "contested": total["contested"] / pixels,
+            "gate right": total["gate_right"] / max(total["contested"], 1.0), "accuracy 1x": total["right_1x"] / pixels,
+            "accuracy v": total["right_v"] / pixels, "accuracy fused": total["right_fused"] / pixels}
+
+
+def gate_row(scale: float, total: dict[str, float]) -> str:
+    """The table row of one scale; scripts/study.py reads these rows (v, mean, std, contested %, right %)."""
+    figures = gate_figures(total)
+    return (f"| {scale:g} | {figures['mean gate']:.4f} | {figures['gate std']:.4f} | {figures['contested']:.2%} | "
+            f"{figures['gate right']:.2%} | {figures['accuracy 1x']:.2%} | {figures['accuracy v']:.2%} | "
+            f"{figures['accuracy fused']:.2%} |")
 
 
 def gate_report(model, val_set, scales: list[float], device: torch.device) -> str:
@@ -49,13 +72,9 @@ def gate_report(model, val_set, scales: list[float], device: torch.device) -> st
                                      out["gate"][branch][:, 0], mask)
                 for key, value in counts.items():
                     totals[scale][key] += value
-    rows = ["| v | mean gate | contested pixels | gate right where contested | accuracy 1x | accuracy v | "
-            "accuracy fused |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for scale, total in totals.items():
-        pixels = max(total["pixels"], 1.0)
-        rows.append(f"| {scale:g} | {total['gate_sum'] / pixels:.2f} | {total['contested'] / pixels:.1%} | "
-                    f"{total['gate_right'] / max(total['contested'], 1.0):.1%} | {total['right_1x'] / pixels:.1%} | "
-                    f"{total['right_v'] / pixels:.1%} | {total['right_fused'] / pixels:.1%} |")
+    rows = ["| v | mean gate | gate std | contested pixels | gate right where contested | accuracy 1x | accuracy v | "
+            "accuracy fused |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows += [gate_row(scale, total) for scale, total in totals.items()]
     return "\n".join(rows)
 
 

@@ -1,51 +1,198 @@
-"""scripts/study.py aggregates finished runs into its report (mean and std over seeds); no training here."""
-import json
+"""scripts/study.py records each finished run as one CSV row and builds its report from the CSV alone; no training
+here: where a test reaches the training step, its override (not_a_key=1) makes train.sh fail at once."""
+import importlib.util
+import os
 import sys
 
-from conftest import run
+import pytest
+
+from conftest import REPO, run
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import study  # noqa: E402
 
 
-def fake_run(exp_dir, name, seed, final, scales, curves=None, multiscale=None, gate=None):
-    """A finished study run: its time marker and its cached evaluation, as study.py leaves them."""
-    run_dir = exp_dir / "synthetic" / "1_16" / f"{name}_seed{seed}"
-    run_dir.mkdir(parents=True)
-    (run_dir / "study_minutes.txt").write_text("2.50")
-    entry = {"final": final, "minutes": 2.5, "curves": curves or {}, "scales": scales}
-    if multiscale:
-        entry["multiscale_cif"], entry["multiscale_avg"] = multiscale
-    if gate:
-        entry["gate"] = gate
-    (run_dir / "study_eval.json").write_text(json.dumps(entry))
+def row(name, seed, miou, run_study="s1", overrides="epochs=2", **figures):
+    """A CSV row as study.py records it; figures not given stay empty (as for a run without a CIF gate)."""
+    own = " ".join(study.RUNS[name][0])
+    return {"study": run_study, "run": name, "seed": str(seed), "split": "1_16",
+            "overrides": f"{overrides} {own}".strip(), "commit": "abc1234", "date": "2026-12-02T17:41Z",
+            "machine": "2 CPUs, x86_64, torch 2.14.1", "minutes": "2.50", "miou": f"{miou:.2f}",
+            "miou_x0.5": "20.00", "miou_x1.0": f"{miou:.2f}", "miou_x2.0": "10.00", **figures}
 
 
-def rows(report: str, heading: str) -> dict[str, list[str]]:
-    """First cell -> the other cells, for the table under ``## heading``."""
-    section = report.split(f"## {heading}")[1].split("\n## ")[0]
-    lines = [line for line in section.splitlines() if line.startswith("|")][2:]
+def tables(report, run_study, heading):
+    """First cell -> the other cells, for the table under ``### heading`` of ``## Study run_study``."""
+    section = report.split(f"## Study {run_study}\n")[1].split("\n## ")[0]
+    part = section.split(f"### {heading}")[1].split("\n### ")[0]
+    lines = [line for line in part.splitlines() if line.startswith("|")][2:]
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    return {row[0]: row[1:] for row in cells}
+    return {cells_of_row[0]: cells_of_row[1:] for cells_of_row in cells}
 
 
-def test_report_averages_seeds_and_skips_unfinished_runs(tmp_path):
-    exp_dir = tmp_path / "exp"
-    curves = {"1x": [10.0, 20.0], "average": [11.0, 19.0], "cif": [12.0, 21.0]}
-    fake_run(exp_dir, "fixmatch", 0, 20.0, [18.0, 20.0, 16.0])
-    fake_run(exp_dir, "fixmatch", 1, 24.0, [22.0, 24.0, 18.0])
-    gate = {"0.5": {"mean_gate": 0.5, "contested": 12.0, "right": 61.0}}
-    fake_run(exp_dir, "scalematch", 0, 30.0, [28.0, 30.0, 26.0], curves, (31.0, 29.0), gate)
-    out = tmp_path / "report.md"
-    run([sys.executable, "scripts/study.py", "--report-only", "--exp-dir", str(exp_dir), "--seeds", "0", "1",
-         "--runs", "fixmatch", "scalematch", "supervised", "--out", str(out), "--note", "Runs of commit abc."])
+def test_report_from_the_csv_alone(tmp_path):
+    csv_path, out = tmp_path / "runs.csv", tmp_path / "report.md"
+    for seed, miou in enumerate([30.0, 31.0, 29.0]):
+        study.append_row(str(csv_path), row("supervised", seed, miou))
+    for seed, miou in enumerate([32.0, 31.0, 33.0]):
+        study.append_row(str(csv_path), row("fixmatch", seed, miou))
+    gate = {"multiscale_avg": "30.00", "gate_0.5_contested": "12.00", "gate_0.5_right": "61.00"}
+    # Seed 1 first: the report lists seeds in seed order, not in the CSV's.
+    study.append_row(str(csv_path), row("scalematch", 1, 33.0, multiscale_cif="34.00", **gate, **{
+        "gate_0.5_mean": "0.7000", "gate_0.5_std": "0.1000", "pseudo_label_1x": "12.00;22.00",
+        "pseudo_label_cif": "13.00;23.00"}))
+    study.append_row(str(csv_path), row("scalematch", 0, 35.0, multiscale_cif="36.00", **gate, **{
+        "gate_0.5_mean": "0.6000", "gate_0.5_std": "0.2000", "pseudo_label_1x": "10.00;20.00;30.00"}))
+    study.append_row(str(csv_path), row("fixmatch", 0, 40.0, run_study="s2", overrides="epochs=9"))
+    run([sys.executable, "scripts/study.py", "--report-only", "--csv", str(csv_path), "--out", str(out),
+         "--note", "Runs of commit abc."])
     report = out.read_text()
     assert report.splitlines()[2] == "Runs of commit abc."
-    table4 = rows(report, "Table 4")
-    assert table4["FixMatch baseline"][0] == "22.00 ± 2.83 (2 seeds)"
-    assert table4["+ ISVC + FSVC + CIF (ScaleMatch)"][0] == "30.00 (1 seed)"
-    assert "Supervised only" not in table4  # never trained: left out, not reported as zero
-    assert rows(report, "Fig. 1a")["FixMatch baseline"] == ["20.00 ± 2.83 (2 seeds)", "22.00 ± 2.83 (2 seeds)",
-                                                             "17.00 ± 1.41 (2 seeds)"]
-    assert rows(report, "Multi-scale")["+ ISVC + FSVC + CIF (ScaleMatch)"] == [
-        "30.00 (1 seed)", "29.00 (1 seed)", "31.00 (1 seed)"]
-    assert rows(report, "Fig. 5")["cif"] == ["12.0", "21.0"]
-    assert rows(report, "CIF gate")["+ ISVC + FSVC + CIF (ScaleMatch)"] == [
-        "0.5", "0.50 (1 seed)", "12.00 (1 seed)", "61.00 (1 seed)"]
+    assert report.index("## Study s1") < report.index("## Study s2")  # the CSV's order
+    assert "Overrides of every run: `epochs=2`" in report and "Commits: abc1234." in report
+
+    runs = tables(report, "s1", "Runs")
+    assert runs["supervised"] == ["Supervised only", "train_mode=supervised", "3", "30.00 ± 1.00 (3 seeds)",
+                                  "0: 30.00, 1: 31.00, 2: 29.00", "2.5"]
+    assert runs["fixmatch"][3:5] == ["32.00 ± 1.00 (3 seeds)", "0: 32.00, 1: 31.00, 2: 33.00"]
+    assert runs["scalematch"][1:5] == ["", "2", "34.00 ± 1.41 (2 seeds)", "0: 35.00, 1: 33.00"]
+    # One run alone: its own overrides (from RUNS) still told apart from the study's.
+    assert "Overrides of every run: `epochs=9`" in report
+    assert tables(report, "s2", "Runs")["fixmatch"][1:4] == ["isvc=false fsvc=false cif=false", "1", "40.00 (1 seed)"]
+
+    # fixmatch - supervised: 2, 0, 4 (mean 2, std 2); both stds 1, pooled 1, gap 2.
+    # Over seeds 0 and 1 only: fixmatch 32, 31 (std 0.707), scalematch 35, 33 (std 1.414), supervised 30, 31
+    # (std 0.707); pooled sqrt((2 + 0.5) / 2) = 1.118; scalematch - fixmatch 3, 2: gap 2.5 / 1.118 = 2.24;
+    # scalematch - supervised 5, 2: gap 3.5 / 1.118 = 3.13.
+    pairs = tables(report, "s1", "Paired differences")
+    assert pairs["fixmatch - supervised"] == ["0: +2.00, 1: +0.00, 2: +4.00", "2.00 ± 2.00 (3 seeds)", "1.00", "+2.00"]
+    assert pairs["scalematch - fixmatch"] == ["0: +3.00, 1: +2.00", "2.50 ± 0.71 (2 seeds)", "1.12", "+2.24"]
+    assert pairs["scalematch - supervised"] == ["0: +5.00, 1: +2.00", "3.50 ± 2.12 (2 seeds)", "1.12", "+3.13"]
+    assert "Paired differences" not in report.split("## Study s2")[1]  # one run: no pair
+
+    assert tables(report, "s1", "Scale robustness")["fixmatch"] == [
+        "20.00 ± 0.00 (3 seeds)", "32.00 ± 1.00 (3 seeds)", "10.00 ± 0.00 (3 seeds)"]
+    assert tables(report, "s1", "Multi-scale")["scalematch"] == [
+        "34.00 ± 1.41 (2 seeds)", "30.00 ± 0.00 (2 seeds)", "35.00 ± 1.41 (2 seeds)"]
+    assert "fixmatch" not in tables(report, "s1", "Multi-scale")  # no gate: no multi-scale figures
+    gate_rows = [line for line in report.split("### CIF gate")[1].split("\n### ")[0].splitlines()
+                 if line.startswith("| scalematch | 0.5 |")]
+    assert [cell.strip() for cell in gate_rows[0].strip("|").split("|")][2:] == [
+        "0.650 ± 0.071 (2 seeds)", "0.150 ± 0.071 (2 seeds)", "12.00 ± 0.00 (2 seeds)", "61.00 ± 0.00 (2 seeds)"]
+    # Fig. 5: the epochs both seeds have; 'cif' is missing in seed 0 and 'average' everywhere: left out.
+    assert tables(report, "s1", "Fig. 5") == {"1x": ["11.0", "21.0"]}
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "report_s1_miou.png").exists() and (tmp_path / "report_s1_pseudo_label_quality.png").exists()
+        assert "![report_s1_miou.png](report_s1_miou.png)" in report
+
+    only_s2 = tmp_path / "s2.md"
+    run([sys.executable, "scripts/study.py", "--report-only", "--csv", str(csv_path), "--out", str(only_s2),
+         "--studies", "s2"])
+    assert "## Study s2" in only_s2.read_text() and "## Study s1" not in only_s2.read_text()
+
+
+def test_append_keeps_earlier_rows_byte_identical(tmp_path):
+    csv_path = str(tmp_path / "docs" / "runs.csv")
+    study.append_row(csv_path, row("supervised", 0, 30.0))
+    first = open(csv_path, "rb").read()
+    study.append_row(csv_path, row("fixmatch", 0, 32.0, machine='16 CPUs, "odd", torch 2'))
+    second = open(csv_path, "rb").read()
+    assert second.startswith(first) and second.count(b"\n") == 2 + 1  # one header, two rows
+    assert second.splitlines()[0].decode() == ",".join(study.COLUMNS)
+    assert [r["machine"] for r in study.read_rows(csv_path)] == ["2 CPUs, x86_64, torch 2.14.1",
+                                                                 '16 CPUs, "odd", torch 2']
+    with open(csv_path, "ab") as handle:
+        handle.write(b"s1,scalematch")  # a write cut short
+    with pytest.raises(SystemExit, match="incomplete"):
+        study.read_rows(csv_path)
+
+
+def test_a_recorded_run_is_not_trained_again(tmp_path):
+    csv_path, exp_dir = tmp_path / "runs.csv", tmp_path / "exp"
+    study.append_row(str(csv_path), row("scalematch", 0, 35.0, overrides="not_a_key=1"))
+    before = csv_path.read_bytes()
+    result = run([sys.executable, "scripts/study.py", "--study", "s1", "--runs", "scalematch", "--seeds", "0",
+                  "--csv", str(csv_path), "--exp-dir", str(exp_dir), "--out", str(tmp_path / "report.md"),
+                  "not_a_key=1"])
+    assert "scalematch seed 0: recorded" in result.stdout
+    assert csv_path.read_bytes() == before and not exp_dir.exists()
+
+
+def test_a_name_recorded_with_other_overrides_is_refused(tmp_path):
+    csv_path, exp_dir = tmp_path / "runs.csv", tmp_path / "exp"
+    study.append_row(str(csv_path), row("scalematch", 0, 35.0, overrides="epochs=2"))
+    before = csv_path.read_bytes()
+    # The recorded key itself, and a new seed of another run of the same study: both would mix two experiments.
+    for runs_and_seeds in (["--runs", "scalematch", "--seeds", "0"], ["--runs", "fixmatch", "--seeds", "1"]):
+        refused = run([sys.executable, "scripts/study.py", "--study", "s1", *runs_and_seeds, "--csv", str(csv_path),
+                       "--exp-dir", str(exp_dir), "not_a_key=1"], check=False)
+        assert refused.returncode != 0 and len(refused.stderr.splitlines()) == 1
+        assert refused.stderr.startswith(f"error: {csv_path} records s1/scalematch seed 0 ")
+        assert "'epochs=2'" in refused.stderr and "'not_a_key=1'" in refused.stderr
+    assert csv_path.read_bytes() == before and not exp_dir.exists()
+
+
+def test_a_finished_run_directory_is_recorded_without_training(tmp_path, monkeypatch):
+    csv_path, exp_dir = tmp_path / "runs.csv", tmp_path / "exp"
+    study.append_row(str(csv_path), row("supervised", 0, 30.0, overrides=""))
+    before = csv_path.read_bytes()
+    run_dir = exp_dir / "s1" / "synthetic" / "1_16" / "scalematch_seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / study.MARKER).write_text("3.25")
+    real_command_output = study.command_output
+
+    def no_training(command):
+        assert "scripts/train.sh" not in command, "a finished run was trained again"
+        return real_command_output(command)
+
+    monkeypatch.setattr(study, "command_output", no_training)
+    monkeypatch.setattr(study, "evaluate_run", lambda directory: {"miou": "40.00"} if directory == str(run_dir) else {})
+    study.main(["--study", "s1", "--runs", "supervised", "scalematch", "--seeds", "0", "--csv", str(csv_path),
+                "--exp-dir", str(exp_dir), "--out", str(tmp_path / "report.md")])
+    after = csv_path.read_bytes()
+    assert after.startswith(before) and after.count(b"\n") == before.count(b"\n") + 1
+    recorded = study.read_rows(str(csv_path))[-1]
+    assert (recorded["run"], recorded["seed"], recorded["minutes"], recorded["miou"]) == ("scalematch", "0", "3.25",
+                                                                                        "40.00")
+    assert recorded["overrides"] == "" and recorded["commit"]
+
+
+def test_pseudo_label_curves_keep_the_last_line_of_an_epoch():
+    log = ("2026-12-02 17:42:34 INFO epoch 0 pseudo-label mIoU on unlabeled images: 1x 10.00, cif 11.50\n"
+           "2026-12-02 17:43:34 INFO epoch 1 pseudo-label mIoU on unlabeled images: 1x 12.00, cif 13.00\n"
+           "2026-12-02 17:44:34 INFO epoch 1 pseudo-label mIoU on unlabeled images: 1x 14.00, cif 15.00\n")
+    assert study.pseudo_label_curves(log) == {"1x": [10.0, 14.0], "cif": [11.5, 15.0]}
+
+
+def test_evaluate_run_reads_train_log_and_eval_output(tiny_voc, tmp_path):
+    """A finished run's figure columns, through the real eval.py on a tiny untrained model. Supervised: it never
+    trains its gate, so eval.py runs once (--scales) and the gate columns stay empty (test_cif_gate.py reads
+    scripts/cif_gate.py's real output with study.gate_columns)."""
+    import torch
+    import yaml
+
+    from model import build_model
+    from util.config import validate
+
+    data_root, splits_dir = tiny_voc
+    cfg = validate({"dataset": "pascal", "data_root": data_root, "splits_dir": splits_dir, "split": "tiny",
+                    "nclass": 21, "backbone": "tv_resnet18", "pretrained": None, "cif_channels": 8,
+                    "cif_gate_channels": 8, "crop_size": 32}, "test")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert study.trains_gate(str(tmp_path))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dict(cfg, cif=False)))
+    assert not study.trains_gate(str(tmp_path))
+    cfg = dict(cfg, train_mode="supervised")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert not study.trains_gate(str(tmp_path))
+
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "epoch": 1}, tmp_path / "latest.pth")
+    (tmp_path / "train.log").write_text(
+        "x INFO epoch 0 pseudo-label mIoU on unlabeled images: 1x 10.00, cif 11.00\nmIoU              12.00\n"
+        "x INFO epoch 1 pseudo-label mIoU on unlabeled images: 1x 13.00, cif 14.00\nmIoU              15.50\n")
+    columns = study.evaluate_run(str(tmp_path))
+    assert set(columns) == {"miou", "miou_x0.5", "miou_x1.0", "miou_x2.0", "pseudo_label_1x", "pseudo_label_cif"}
+    assert columns["miou"] == "15.50"  # the last epoch's
+    assert columns["pseudo_label_1x"] == "10.00;13.00" and columns["pseudo_label_cif"] == "11.00;14.00"
+    assert all(0 <= float(columns[f"miou_x{scale}"]) <= 100 for scale in study.SCALES)
