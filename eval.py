@@ -7,8 +7,14 @@ or, with --predict-dir, segment a folder of images that have no masks.
     python eval.py --predict-dir photos/ --save-dir preds/ --multiscale-cif   # palette PNGs and overlays
     python eval.py --multiscale-cif --cif-scales 0.5 2.0   # multi-scale inference through the CIF gate
     python eval.py --scales 0.5 1.0 2.0             # mIoU with the input rescaled by each factor
+
+Without --checkpoint it takes the newest run under --exp-dir and says which file and why: its best.pth, or its
+latest.pth while no validation has recorded a best; a run whose best.pth is missing although its latest.pth records
+a best is refused rather than evaluated at another epoch (pass that latest.pth with --checkpoint to evaluate it).
 """
 import argparse
+import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from dataset.classes import class_names, class_palette
-from dataset.semi import DatasetError, build_datasets, load_sample
+from dataset.semi import DatasetError, build_val_dataset, load_sample
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from model import build_model
 from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint, load_model_state
@@ -31,6 +37,11 @@ from util.metrics import MeanIoU, format_iou_table
 from util.visualize import overlay_figure, palette_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+DEFAULT_CIF_SCALES = [0.5, 2.0]
+
+
+class OutputError(Exception):
+    """An output that cannot be written, in one line naming the file."""
 
 
 def averaged_predictor(predict: Callable, scales: list[float], flip: bool) -> Callable:
@@ -65,10 +76,14 @@ def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: l
     """SAVE_DIR/STEM.png as a palette PNG of the (H, W) prediction and, when ``image`` ((H, W, 3) uint8) is given,
     SAVE_DIR/STEM_overlay.png: image | prediction | ground truth (when given) with a legend of class names."""
     labels = prediction.cpu().numpy().astype(np.uint8)
-    palette_image(labels, colors).save(os.path.join(save_dir, f"{stem}.png"))
-    if image is not None:
-        figure = overlay_figure(image, labels, names, colors, ground_truth)
-        figure.save(os.path.join(save_dir, f"{stem}_overlay.png"))
+    path = os.path.join(save_dir, f"{stem}.png")
+    try:
+        palette_image(labels, colors).save(path)
+        if image is not None:
+            path = os.path.join(save_dir, f"{stem}_overlay.png")
+            overlay_figure(image, labels, names, colors, ground_truth).save(path)
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def autocast_dtype(cfg: dict, device: torch.device):
@@ -112,12 +127,19 @@ def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dt
 
 
 def list_images(folder: str) -> list[Path]:
-    """The images of ``folder`` (by extension, not recursive), sorted by name; refuses a folder without any and
-    names whose outputs would overwrite each other (a.jpg and a.png, or a.jpg and a_overlay.jpg)."""
+    """The images of ``folder`` (by extension, not recursive), sorted by name; refuses a folder without any, image
+    names that are broken symlinks and names whose outputs would overwrite each other (a.jpg and a.png, or a.jpg
+    and a_overlay.jpg)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DatasetError(f"--predict-dir {folder} is a file, not a folder")
     if not os.path.isdir(folder):
         raise DatasetError(f"--predict-dir {folder}: no such folder")
-    images = sorted(path for path in Path(folder).iterdir()
-                    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+    named = [path for path in Path(folder).iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS]
+    broken = sorted(str(path) for path in named if path.is_symlink() and not path.exists())
+    if broken:
+        raise DatasetError(f"--predict-dir {folder}: {len(broken)} image(s) are broken or looping symlinks: "
+                           f"{', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}")
+    images = sorted(path for path in named if path.is_file())
     if not images:
         raise DatasetError(f"--predict-dir {folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
     writers = {}
@@ -140,6 +162,8 @@ def predict_folder(predict: Callable, image_dir: str, save_dir: str, cfg: dict, 
     if mode not in ("original", "sliding_window"):
         raise ValueError(f"prediction mode must be original or sliding_window, got {mode!r}")
     images = list_images(image_dir)[rank::world_size]
+    if mask_dir is not None and not os.path.isdir(mask_dir):
+        raise DatasetError(f"--mask-dir {mask_dir}: no such folder")
     names, colors = class_names(cfg), class_palette(cfg)
     os.makedirs(save_dir, exist_ok=True)
     for path in tqdm(images, disable=not progress, desc="predict", leave=False):
@@ -154,10 +178,17 @@ def predict_folder(predict: Callable, image_dir: str, save_dir: str, cfg: dict, 
 def load_trained_model(checkpoint: str, device: torch.device, data_root: str | None = None) -> tuple:
     """(model in eval mode on ``device``, validated config, checkpoint dict) of a checkpoint written by training or
     by scripts/convert_release_checkpoint.py; a network that does not fit its tensors is a one-line CheckpointError."""
+    if os.path.isdir(checkpoint):
+        raise CheckpointError(f"{checkpoint} is a folder; pass a checkpoint file in it (best.pth or latest.pth)")
     state = load_checkpoint(checkpoint, map_location="cpu")
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CheckpointError(f"{checkpoint}: not a scalematch checkpoint (no 'config' and 'model'); a checkpoint of "
                               "the authors' release needs scripts/convert_release_checkpoint.py first")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{checkpoint}: its 'config' is a {type(state['config']).__name__}, not a mapping of "
+                              "config keys")
+    if not isinstance(state["model"], dict) or not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
+        raise CheckpointError(f"{checkpoint}: its 'model' is not a mapping of tensor names to tensors")
     cfg = dict(state["config"])
     if data_root:
         cfg["data_root"] = os.path.expanduser(data_root)
@@ -169,8 +200,6 @@ def load_trained_model(checkpoint: str, device: torch.device, data_root: str | N
 
 def build_predictor(model, args) -> Callable:
     """Single-scale, multi-scale through the CIF gate, or multi-scale softmax average; optionally with flips."""
-    if args.multiscale_cif and args.multiscale_avg:
-        raise SystemExit("error: choose one of --multiscale-cif and --multiscale-avg")
     if args.multiscale_cif and model.cif is None:
         raise SystemExit("error: --multiscale-cif needs a checkpoint trained with cif: true")
     predict, scales = model.predict, [1.0]
@@ -184,10 +213,16 @@ def build_predictor(model, args) -> Callable:
     return predict
 
 
+def _positive_scales(option: str, scales: list[float] | None) -> None:
+    bad = [scale for scale in scales or [] if not (math.isfinite(scale) and scale > 0)]
+    if bad:
+        raise SystemExit(f"error: {option} takes positive factors, got {' '.join(f'{scale:g}' for scale in bad)}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint to evaluate (default: best.pth of the newest run)")
-    parser.add_argument("--exp-dir", default="exp", help="where to look for the newest run (default: exp)")
+    parser.add_argument("--exp-dir", help="where to look for the newest run without --checkpoint (default: exp)")
     parser.add_argument("--mode", choices=["original", "center_crop", "sliding_window"],
                         help="evaluation mode (default: the checkpoint config's eval_mode)")
     parser.add_argument("--data-root", help="dataset root, if it moved since training")
@@ -204,11 +239,29 @@ def parse_args(argv=None):
                         help="fuse the 1x prediction with each of --cif-scales in turn through the trained CIF gate")
     parser.add_argument("--multiscale-avg", action="store_true",
                         help="average the softmax over 1x and --cif-scales (fixed-weight multi-scale, for comparison)")
-    parser.add_argument("--cif-scales", type=float, nargs="+", default=[0.5, 2.0],
+    parser.add_argument("--cif-scales", type=float, nargs="+",
                         help="extra scales of the multi-scale modes (default: 0.5 2.0)")
     parser.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     args = parser.parse_args(argv)
+    # Options another one would silently ignore are refused, so that no result is mistaken for what was asked.
+    if args.checkpoint is not None and args.exp_dir is not None:
+        raise SystemExit("error: --exp-dir picks a run when no --checkpoint is given; pass one of them")
+    args.exp_dir = "exp" if args.exp_dir is None else args.exp_dir
+    if args.multiscale_cif and args.multiscale_avg:
+        raise SystemExit("error: choose one of --multiscale-cif and --multiscale-avg")
+    if args.cif_scales is not None and not (args.multiscale_cif or args.multiscale_avg):
+        raise SystemExit("error: --cif-scales needs --multiscale-cif or --multiscale-avg")
+    args.cif_scales = DEFAULT_CIF_SCALES if args.cif_scales is None else args.cif_scales
+    _positive_scales("--scales", args.scales)
+    _positive_scales("--cif-scales", args.cif_scales)
+    if args.scales:
+        ignored = [option for option, given in (("--save-dir", args.save_dir), ("--flip", args.flip),
+                                                ("--multiscale-cif", args.multiscale_cif),
+                                                ("--multiscale-avg", args.multiscale_avg)) if given]
+        if ignored:
+            raise SystemExit(f"error: --scales measures single-scale mIoU per factor; it cannot be combined with "
+                             f"{' or '.join(ignored)}")
     if args.predict_dir is not None:
         if args.save_dir is None:
             raise SystemExit("error: --predict-dir needs --save-dir")
@@ -217,6 +270,8 @@ def parse_args(argv=None):
                              "sliding_window")
         if args.scales:
             raise SystemExit("error: --scales is for evaluation; --predict-dir cannot be combined with it")
+        if args.data_root is not None:
+            raise SystemExit("error: --data-root is for evaluation; --predict-dir reads no dataset")
     elif args.mask_dir is not None:
         raise SystemExit("error: --mask-dir needs --predict-dir")
     if args.overlays and args.save_dir is None:
@@ -224,36 +279,85 @@ def parse_args(argv=None):
     return args
 
 
+def run_checkpoint(exp_dir: str) -> tuple[str, str]:
+    """(checkpoint, why it was picked) of the newest run under ``exp_dir``: its best.pth; its latest.pth while no
+    validation has recorded a best. A best.pth that is missing although latest.pth records a best is a
+    CheckpointError: evaluating another epoch in its place would report the wrong result."""
+    run = find_latest_run(exp_dir)
+    if run is None:
+        raise CheckpointError(f"no run with a checkpoint under {exp_dir}/; pass --checkpoint")
+    best, latest = os.path.join(run, "best.pth"), os.path.join(run, "latest.pth")
+    if os.path.isfile(best):
+        return best, f"the best epoch of the newest run under {exp_dir}/"
+    state = load_checkpoint(latest, map_location="cpu")
+    best_miou = state.get("best_miou") if isinstance(state, dict) else None
+    if isinstance(best_miou, (int, float)) and best_miou > 0:
+        raise CheckpointError(f"{run}: latest.pth records best mIoU {best_miou:.2f} but best.pth is missing; pass "
+                              f"--checkpoint {latest} to evaluate the last saved epoch instead")
+    return latest, f"the newest run under {exp_dir}/ has no best.pth: no validation has recorded a best yet"
+
+
+@contextlib.contextmanager
+def output_folder(path: str | None):
+    """Create ``path`` (and missing parents) for the outputs; if what follows fails, remove those of them that are
+    still empty, so a failed start leaves no empty folder behind (written outputs are kept)."""
+    if path is None:
+        yield
+        return
+    created = []
+    folder = Path(path).absolute()
+    while not folder.exists() and not folder.is_symlink():
+        created.append(folder)
+        folder = folder.parent
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"--save-dir {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"--save-dir {path}: cannot create it: {error.strerror or error}") from error
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # deepest first; one that holds outputs stops the removal
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        run = find_latest_run(args.exp_dir)
-        if run is None:
-            raise SystemExit(f"error: no run with a checkpoint under {args.exp_dir}/; pass --checkpoint")
-        checkpoint = os.path.join(run, "best.pth")
-        if not os.path.exists(checkpoint):
-            checkpoint = os.path.join(run, "latest.pth")
     rank, world_size, _, device = init_distributed(force_cpu=args.cpu)
-    model, cfg, state = load_trained_model(checkpoint, device, args.data_root)
+    with output_folder(args.save_dir):
+        checkpoint, why = (args.checkpoint, None) if args.checkpoint is not None else run_checkpoint(args.exp_dir)
+        model, cfg, state = load_trained_model(checkpoint, device, args.data_root)
+        picked = f"checkpoint {checkpoint}" + (f" (epoch {state['epoch']})" if "epoch" in state else "")
+        if why is not None:
+            picked += f", {why}"
+        evaluate_or_predict(args, model, cfg, device, rank, world_size, picked)
+    cleanup()
+
+
+def evaluate_or_predict(args, model, cfg: dict, device: torch.device, rank: int, world_size: int,
+                        picked: str) -> None:
+    """The evaluation, or with --predict-dir the prediction, that args ask of a loaded model; ``picked`` is the
+    line's opening that names the checkpoint."""
     amp_dtype = autocast_dtype(cfg, device)
     if args.predict_dir is not None:
         # A checkpoint whose eval_mode is center_crop predicts whole images.
         mode = args.mode or ("original" if cfg["eval_mode"] == "center_crop" else cfg["eval_mode"])
         if rank == 0:
-            print(f"checkpoint {checkpoint} (epoch {state['epoch']}), predicting {args.predict_dir}, mode {mode}")
+            print(f"{picked}, predicting {args.predict_dir}, mode {mode}")
         count = predict_folder(build_predictor(model, args), args.predict_dir, args.save_dir, cfg, device, amp_dtype,
                                mode, args.mask_dir, rank, world_size, progress=rank == 0)
         print(f"wrote {count} predictions and overlays to {args.save_dir}")
-        cleanup()
         return
-    _, _, val_set = build_datasets(cfg, cfg["splits_dir"])
-    if args.save_dir and rank == 0:
-        os.makedirs(args.save_dir, exist_ok=True)
+    val_set = build_val_dataset(cfg, cfg["splits_dir"], data_root_hint="pass --data-root DIR")
     mode = args.mode or cfg["eval_mode"]
     names = class_names(cfg)
     if rank == 0:
-        print(f"checkpoint {checkpoint} (epoch {state['epoch']}), {len(val_set)} val images, mode {mode}")
+        print(f"{picked}, {len(val_set)} val images, mode {mode}")
 
     if args.scales:
         results = []
@@ -271,12 +375,11 @@ def main(argv=None) -> None:
                           save_dir=args.save_dir, progress=rank == 0, overlays=args.overlays)
         if rank == 0:
             print(format_iou_table(names, metric.iou()))
-    cleanup()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DatasetError, CheckpointError) as error:
+    except (ConfigError, DatasetError, CheckpointError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

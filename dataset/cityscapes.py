@@ -77,6 +77,8 @@ def convert_file(label_ids_path: Path) -> bool:
     try:
         mask.save(partial, format="PNG")
         os.replace(partial, target)
+    except OSError as error:  # disk full, a read-only tree: one line, as for bad input
+        raise DatasetError(f"cannot write {target}: {error.strerror or error}") from error
     finally:
         partial.unlink(missing_ok=True)
     return True

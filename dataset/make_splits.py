@@ -7,16 +7,22 @@ smaller split is contained in that of every larger one. Unlabeled lines keep the
 
 A folder dataset is DIR/images/{train,val}/** and DIR/masks/{train,val}/** (any nesting), a mask being the PNG at
 its image's relative path; train images without a mask are unlabeled only, and split `all` labels every masked one.
+
+A split line cannot hold a path with whitespace, so such file names are refused (named) rather than written. Split
+files that exist with other contents are kept unless --force: the published lists in splits/ are not redrawn by
+mistake.
 """
 
 import argparse
 import functools
 import math
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from dataset.errors import DatasetError
+from dataset.split_format import read_lines, split_line, unwritable
 
 PASCAL_COUNTS = (92, 183, 366, 732, 1464)
 FRACTIONS = {"1_16": 16, "1_8": 8, "1_4": 4, "1_2": 2}
@@ -49,15 +55,15 @@ def fraction_splits(lines: list[str], seed: int, unlabeled_only: Sequence[str] =
 
 
 def _require_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise DatasetError(f"{path} is a file, not a folder")
     if not path.is_dir():
         raise DatasetError(f"folder not found: {path}")
     return path
 
 
 def _read_ids(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DatasetError(f"image set not found: {path}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in read_lines(path, "image set") if line.strip()]
     if not ids:
         raise DatasetError(f"image set is empty: {path}")
     return ids
@@ -74,7 +80,7 @@ def _voc_lines(root: Path, ids: list[str], mask_dirs: tuple[str, ...]) -> dict[s
                      if (root / folder / f"{sample_id}.png").is_file()), None)
         if mask is None:
             raise DatasetError(f"mask of {sample_id} not found in {' or '.join(str(root / d) for d in mask_dirs)}")
-        lines[sample_id] = f"{image} {mask}"
+        lines[sample_id] = split_line(image, mask)
     return lines
 
 
@@ -132,7 +138,7 @@ def _cityscapes_lines(root: Path, subset: str) -> list[str]:
         image_rel = mask_rel.replace("gtFine/", "leftImg8bit/", 1).replace("_gtFine_labelTrainIds", "_leftImg8bit")
         if not (root / image_rel).is_file():
             raise DatasetError(f"image not found: {root / image_rel} (for {mask})")
-        lines.append(f"{image_rel} {mask_rel}")
+        lines.append(split_line(image_rel, mask_rel))
     return lines
 
 
@@ -145,7 +151,7 @@ def cityscapes_splits(root: Path, seed: int) -> SplitFiles:
 
 def synthetic_lines(ids: list[str]) -> list[str]:
     """Split lines of the synthetic dataset (VOC layout) for the given file stems."""
-    return [f"JPEGImages/{sample_id}.jpg SegmentationClass/{sample_id}.png" for sample_id in ids]
+    return [split_line(f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png") for sample_id in ids]
 
 
 def synthetic_splits(root: Path, seed: int) -> SplitFiles:
@@ -156,19 +162,45 @@ def synthetic_splits(root: Path, seed: int) -> SplitFiles:
     return split_files
 
 
+def _image_files(images_dir: Path) -> list[Path]:
+    """The image files under images_dir, sorted, through symlinked folders too (each real folder once, so a
+    symlink loop ends); an image name that is a broken or looping symlink is an error, not a silent skip."""
+    files, broken, visited = [], [], set()
+    for folder, subfolders, names in os.walk(images_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
+        subfolders.sort()  # the listing order of the file system would decide which of two paths to a folder wins
+        for name in names:
+            path = Path(folder, name)
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                (files if path.is_file() else broken).append(path)
+    if broken:
+        raise DatasetError(f"{len(broken)} image(s) under {images_dir} are broken or looping symlinks: "
+                           f"{', '.join(map(str, sorted(broken)[:5]))}{', ...' if len(broken) > 5 else ''}")
+    return sorted(files)
+
+
 def _folder_pairs(root: Path, images: str, masks: str, subset: str) -> tuple[list[str], list[str]]:
     """Split lines of the images of images/subset: (those with a mask in masks/subset, those without)."""
     images_dir = _require_dir(root / images / subset)
-    masked, unmasked = [], []
-    for path in sorted(images_dir.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
+    masked, unmasked, refused = [], [], []
+    for path in _image_files(images_dir):
         image_rel = path.relative_to(root).as_posix()
         mask = (root / masks / subset / path.relative_to(images_dir)).with_suffix(".png")
-        if mask.is_file():
-            masked.append(f"{image_rel} {mask.relative_to(root).as_posix()}")
-        else:
-            unmasked.append(image_rel)
+        if mask.is_symlink() and not mask.is_file():
+            raise DatasetError(f"mask {mask} is a broken or looping symlink")
+        mask_rel = mask.relative_to(root).as_posix() if mask.is_file() else None
+        # Every such name is listed at once: renaming them one error at a time would take as many runs.
+        refused += [repr(rel) for rel in (image_rel, mask_rel) if rel is not None and unwritable(rel)]
+        if not refused:
+            (masked if mask_rel else unmasked).append(split_line(image_rel, mask_rel))
+    if refused:
+        raise DatasetError(f"{len(refused)} file name(s) under {root} have whitespace (or are not UTF-8), which a "
+                           f"split line 'image_path mask_path' cannot hold; rename them: {', '.join(refused[:5])}"
+                           f"{', ...' if len(refused) > 5 else ''}")
     if not masked:
         raise DatasetError(f"no image of {images_dir} has its mask (same relative path, .png) in "
                            f"{root / masks / subset}")
@@ -194,11 +226,50 @@ BUILDERS = {"pascal": pascal_splits, "cityscapes": cityscapes_splits, "synthetic
             "folder": folder_splits}
 
 
-def write_splits(split_files: SplitFiles, out_dir: Path) -> None:
+def _text(lines: list[str]) -> bytes:
+    return "".join(f"{line}\n" for line in lines).encode("utf-8")
+
+
+def _differs(path: Path, text: bytes) -> bool:
+    """Whether a file exists at path with other bytes than text; one that cannot be read counts as different."""
+    if path.is_dir():
+        raise DatasetError(f"{path} is a folder, not a split file")
+    try:
+        return path.is_file() and path.read_bytes() != text
+    except OSError:
+        return True
+
+
+def write_splits(split_files: SplitFiles, out_dir: Path, force: bool = False) -> None:
+    """Write every split file under out_dir, each renamed into place whole. Without ``force``, existing files with
+    other contents are refused before anything is written, so the published lists cannot be replaced by mistake."""
+    changed = [] if force else [out_dir / rel_path for rel_path, lines in split_files.items()
+                                if _differs(out_dir / rel_path, _text(lines))]
+    if changed:
+        raise DatasetError(f"{len(changed)} split file(s) exist with other contents, e.g. {changed[0]}; write to "
+                           "another --out, or pass --force to replace them")
     for rel_path, lines in split_files.items():
         path = out_dir / rel_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{line}\n" for line in lines))
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            blocker = next(folder for folder in path.parents if folder.exists())
+            reason = f"{blocker} is a file" if not blocker.is_dir() else error.strerror or str(error)
+            raise DatasetError(f"cannot create folder {path.parent}: {reason}") from error
+        try:
+            partial.write_bytes(_text(lines))
+            os.replace(partial, path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise DatasetError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def _folder_name(value: str, option: str) -> str:
+    """--images / --masks: a folder name under the data root, since split paths are relative to it."""
+    if Path(value).is_absolute() or ".." in Path(value).parts:
+        raise DatasetError(f"{option} {value}: give a folder name under --data-root, not a path out of it")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,19 +278,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", required=True, help="dataset root the split paths are relative to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="splits", help="splits folder; files go to OUT/DATASET/")
+    parser.add_argument("--force", action="store_true", help="replace split files that exist with other contents")
     parser.add_argument("--images", default="images", help="folder: the images folder under DIR (default images)")
     parser.add_argument("--masks", default="masks", help="folder: the masks folder under DIR (default masks)")
     args = parser.parse_args(argv)
     root = Path(args.data_root).expanduser()
     builder = BUILDERS[args.dataset]
-    if args.dataset == "folder":
-        builder = functools.partial(folder_splits, images=args.images, masks=args.masks)
+    out_dir = Path(args.out).expanduser() / args.dataset
     try:
+        if args.dataset == "folder":
+            builder = functools.partial(folder_splits, images=_folder_name(args.images, "--images"),
+                                        masks=_folder_name(args.masks, "--masks"))
         split_files = builder(_require_dir(root), args.seed)
+        write_splits(split_files, out_dir, args.force)
     except DatasetError as error:
         raise SystemExit(f"error: {error}")
-    out_dir = Path(args.out) / args.dataset
-    write_splits(split_files, out_dir)
     for rel_path, lines in split_files.items():
         print(f"{out_dir / rel_path}: {len(lines)} lines")
 

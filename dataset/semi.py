@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from dataset import synthetic
 from dataset.classes import class_names
 from dataset.errors import DatasetError
+from dataset.split_format import read_lines
 from dataset.transforms import (cutmix_box, geometric, label_tensor, normalize, normalize_pil, release_cutmix_box,
                                 release_geometric, release_strong_photometric, strong_photometric, to_pil,
                                 to_unit_float)
@@ -28,7 +29,7 @@ from util.config import SCHEMA
 from util.logging import LOGGER_NAME
 
 __all__ = ["DatasetError", "read_split", "read_image", "read_mask", "load_sample", "SemiDataset", "build_datasets",
-           "dataset_summary"]
+           "build_val_dataset", "dataset_summary"]
 
 MODES = ("train_l", "train_u", "val")
 AUGMENTATIONS = SCHEMA["augmentation"].choices
@@ -43,20 +44,19 @@ def _examples(items: list[str]) -> str:
 
 
 def read_split(path: str | Path, require_mask: bool = False) -> list[tuple[str, str | None]]:
-    """(image, mask or None) pairs of a split file; blank lines are skipped, an image listed twice is an error."""
+    """(image, mask or None) pairs of a UTF-8 split file; blank lines are skipped, an image listed twice is an
+    error."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"split file not found: {path}")
     samples = []
     first_line: dict[str, int] = {}  # normalised image path -> line number
     duplicates = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_lines(path, "split file"), start=1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) > 2:
-            raise DatasetError(f"{path}:{number}: expected 'image_path [mask_path]', got {len(fields)} fields: "
-                               f"{line!r}")
+            raise DatasetError(f"{path}:{number}: expected 'image_path [mask_path]', got {len(fields)} fields "
+                               f"(paths cannot hold spaces): {line!r}")
         if require_mask and len(fields) == 1:
             raise DatasetError(f"{path}:{number}: no mask path; labeled and val splits need 'image_path mask_path'")
         key = os.path.normpath(fields[0])
@@ -73,10 +73,19 @@ def read_split(path: str | Path, require_mask: bool = False) -> list[tuple[str, 
 
 
 def _unreadable(kind: str, path: Path, error: Exception) -> DatasetError:
+    """A decoding error in words: PIL's own message stays in parentheses, it is often terse ('Truncated File Read')."""
+    pil_message = (str(error).splitlines() or [type(error).__name__])[0]
     if isinstance(error, UnidentifiedImageError):
         reason = "not an image PIL can read"
+    elif isinstance(error, Image.DecompressionBombError):
+        reason = (f"its header claims more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels: a damaged file, or an image "
+                  "too large to load")
+    elif isinstance(error, OSError) and error.strerror:
+        reason = error.strerror  # the file system's: Permission denied, Is a directory, ...
+    elif "truncated" in pil_message.lower():
+        reason = f"the file is truncated (PIL: {pil_message})"
     else:
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        reason = f"the file is damaged, or a variant PIL cannot decode (PIL: {pil_message})"
     return DatasetError(f"cannot read {kind} {path}: {reason}")
 
 
@@ -96,8 +105,8 @@ def read_mask(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as mask:
             if mask.mode not in ("P", "L"):
-                raise DatasetError(f"mask must be a palette or grayscale image of class indices, got mode "
-                                   f"{mask.mode}: {path}")
+                raise DatasetError(f"mask must be an 8-bit palette or grayscale image of class indices (mode P or L), "
+                                   f"got mode {mask.mode}: {path}")
             mask.load()
             indices = np.array(mask)
     except _DECODE_ERRORS as error:
@@ -139,6 +148,16 @@ def _resolve_mask(root: Path, rel_path: str) -> Path | None:
         if os.path.isfile(aug_path):
             return aug_path
     return None
+
+
+def _absent(root: Path, rel_path: str) -> str:
+    """``rel_path`` as listed in an error about missing files, with why a path that is there is no file."""
+    path = root / rel_path
+    if path.is_dir():
+        return f"{rel_path} (a folder)"
+    if path.is_symlink():
+        return f"{rel_path} (a broken or looping symlink)"
+    return rel_path
 
 
 def _missing_files_error(root: Path, source: str, listed: int, missing: list[str], images_missing: int,
@@ -198,13 +217,13 @@ class SemiDataset(Dataset):
         for image_rel, mask_rel in samples:
             image_path = self.root / image_rel
             if not os.path.isfile(image_path):
-                missing.append(image_rel)
+                missing.append(_absent(self.root, image_rel))
                 images_missing += 1
             if mask_rel is None and self.mode != "train_u":
                 raise DatasetError(f"{source}: no mask listed for {image_rel}; {self.mode} samples need their mask")
             mask_path = None if mask_rel is None else _resolve_mask(self.root, mask_rel)
             if mask_path is None and mask_rel is not None and self.mode != "train_u":
-                missing.append(mask_rel)
+                missing.append(_absent(self.root, mask_rel))
                 masks_missing.append(mask_rel)
             resolved.append((image_rel, image_path, mask_path))
         if missing:
@@ -262,8 +281,10 @@ class SemiDataset(Dataset):
 
 
 def _split_file(splits_dir: Path, cfg: dict, *parts: str) -> Path:
+    if splits_dir.exists() and not splits_dir.is_dir():
+        raise DatasetError(f"splits_dir {splits_dir} is a file, not a folder")
     path = splits_dir.joinpath(cfg["dataset"], *parts)
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"split file not found: {path}; copy the published split files there or run "
                            f"`python -m dataset.make_splits {cfg['dataset']} --data-root {cfg['data_root']}`")
     return path
@@ -279,22 +300,48 @@ def _warn_overlap(labeled: list[tuple[str, str | None]], val: list[tuple[str, st
             f"scores will be optimistic: {_examples(shared)}")
 
 
-def build_datasets(cfg: dict, splits_dir: str | Path = "splits") -> tuple[SemiDataset, SemiDataset, SemiDataset]:
-    """(labeled, unlabeled, val) datasets of cfg's dataset and split; the synthetic data is generated on first use.
+# How to point at the data in training's key=value overrides; eval.py passes its own (--data-root).
+DATA_ROOT_HINT = "set data_root in the config, or data_root=DIR on the command line"
 
-    Checks, without opening any image: class names against nclass, the data root, the split files (present,
-    non-empty, well-formed, no image twice) and that every listed file exists. Labeled images that are also val
-    images are logged as a warning.
-    """
+
+def _checked_data_root(cfg: dict, hint: str) -> Path:
+    """cfg's data root, checked to be a folder (after class names against nclass); the synthetic data is generated
+    there on first use."""
     class_names(cfg)
     if cfg["nclass"] > 255:
         raise DatasetError(f"nclass {cfg['nclass']} is more than 255: masks are 8-bit and 255 is the ignore index")
     root = Path(cfg["data_root"]).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"data_root {root} is a file, not a folder ({hint})")
     if cfg["dataset"] == "synthetic":
-        synthetic.ensure_generated(root)
+        try:
+            synthetic.ensure_generated(root)
+        except OSError as error:
+            raise DatasetError(f"cannot generate the synthetic dataset in data_root {root}: {error} "
+                               f"({hint})") from error
     elif not root.is_dir():
-        raise DatasetError(f"data_root not found: {root} (set data_root in the config, or data_root=DIR on the "
-                           f"command line)")
+        raise DatasetError(f"data_root not found: {root} ({hint})")
+    return root
+
+
+def build_val_dataset(cfg: dict, splits_dir: str | Path = "splits",
+                      data_root_hint: str = DATA_ROOT_HINT) -> SemiDataset:
+    """The validation dataset of cfg's dataset alone: reads only val.txt and checks only the files it lists, so
+    evaluation needs none of the training split. ``data_root_hint`` says how to fix a wrong data root."""
+    root = _checked_data_root(cfg, data_root_hint)
+    val_path = _split_file(Path(splits_dir), cfg, "val.txt")
+    val = read_split(val_path, require_mask=True)
+    return SemiDataset(root, val, "val", cfg["nclass"], cfg["crop_size"], source=str(val_path))
+
+
+def build_datasets(cfg: dict, splits_dir: str | Path = "splits") -> tuple[SemiDataset, SemiDataset, SemiDataset]:
+    """(labeled, unlabeled, val) datasets of cfg's dataset and split; the synthetic data is generated on first use.
+
+    Checks, without opening any image: class names against nclass, the data root, the split files (present,
+    UTF-8, non-empty, well-formed, no image twice) and that every listed file exists. Labeled images that are also
+    val images are logged as a warning.
+    """
+    root = _checked_data_root(cfg, DATA_ROOT_HINT)
     splits_dir = Path(splits_dir)
     labeled_path = _split_file(splits_dir, cfg, cfg["split"], "labeled.txt")
     unlabeled_path = _split_file(splits_dir, cfg, cfg["split"], "unlabeled.txt")

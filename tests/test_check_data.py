@@ -89,7 +89,8 @@ def test_broken_samples_are_all_named(tree, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 3
     assert errors[0] == f"error: mask {mask} has value 30: classes are 0 ... 20 (nclass 21) and 255 is ignored"
-    assert errors[1].startswith(f"error: cannot read image {image}: image file is truncated (")
+    assert errors[1].startswith(f"error: cannot read image {image}: the file is truncated (PIL: image file is "
+                                "truncated (")
     assert errors[2] == "error: 2 of 4 samples failed the check"
 
 
@@ -120,3 +121,31 @@ def test_overlap_warning_and_config_error(tree, capsys):
     assert "warning: 1 of 2 labeled images" in capsys.readouterr().err
     assert check_data.main(["--config", str(config), "split=s", "nclas=3"]) == 2
     assert "unknown key 'nclas' (did you mean 'nclass'?)" in capsys.readouterr().err
+
+
+def _to_utf16(config: Path, root: Path) -> str:
+    val = config.parent / "splits/pascal/val.txt"
+    val.write_bytes(val.read_text().encode("utf-16"))
+    return f"split file {val} is UTF-16 text; save it as UTF-8"
+
+
+def _data_root_is_a_file(config: Path, root: Path) -> str:
+    config.write_text(config.read_text().replace(f"data_root: {root}", f"data_root: {config}"))
+    return (f"data_root {config} is a file, not a folder (set data_root in the config, or data_root=DIR on the "
+            "command line)")
+
+
+@pytest.mark.parametrize("spoil", [_to_utf16, _data_root_is_a_file])
+def test_a_utf16_split_or_a_file_as_data_root_is_one_line(tree, capsys, spoil):
+    config, root = tree
+    message = spoil(config, root)
+    assert check_data.main(["--config", str(config), "split=s"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_split_file_with_a_byte_order_mark_checks_clean(tree, capsys):
+    config, _ = tree
+    labeled = config.parent / "splits/pascal/s/labeled.txt"
+    labeled.write_bytes(b"\xef\xbb\xbf" + labeled.read_bytes())
+    assert check_data.main(["--config", str(config), "split=s"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "data OK"

@@ -1,5 +1,8 @@
 """Every kind of bad input stops with one readable line naming the file (and line or value) at fault."""
+import errno
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import write_voc_tree
+from dataset import cityscapes
 from dataset.errors import DatasetError
-from dataset.semi import SemiDataset, build_datasets
+from dataset.semi import SemiDataset, build_datasets, build_val_dataset, read_image, read_mask
 
 NAMES = [f"img_{i:03d}" for i in range(6)]
 SIZE = (16, 20)
@@ -160,7 +164,8 @@ def test_truncated_image_from_a_worker_is_one_line(tree):
     image.write_bytes(image.read_bytes()[:-50])
     labeled, _, _ = build_datasets(cfg, splits)
     # Raised in a worker process and re-raised by the DataLoader: the message is still the one line.
-    assert _item_error(labeled, workers=1).startswith(f"cannot read image {image}: image file is truncated (")
+    assert _item_error(labeled, workers=1).startswith(f"cannot read image {image}: the file is truncated (PIL: image "
+                                                      "file is truncated (")
 
 
 def test_unreadable_image(tree):
@@ -209,3 +214,150 @@ def test_mask_value_out_of_range_names_file_and_value(tree):
     mask_38 = SemiDataset(root, [(f"JPEGImages/{NAMES[4]}.jpg", f"SegmentationClass/{NAMES[4]}.png")], "val", 38,
                           crop_size=16)[0]["mask"]
     assert (mask_38[3, 4], mask_38[0, 0], mask_38[5, 5]) == (37, 255, 20)
+
+
+def test_utf16_split_file_is_one_line(tree):
+    cfg, _, splits = tree
+    val = splits / "pascal/val.txt"
+    val.write_bytes(val.read_text().encode("utf-16"))  # what Notepad's "Unicode" writes
+    assert _error(cfg, splits) == f"split file {val} is UTF-16 text; save it as UTF-8"
+
+
+def test_split_file_with_a_byte_that_is_not_utf8_names_its_line(tree):
+    cfg, _, splits = tree
+    labeled = splits / "pascal/s/labeled.txt"
+    labeled.write_bytes(labeled.read_bytes() + "JPEGImages/café.jpg\n".encode("latin-1"))
+    assert _error(cfg, splits) == f"{labeled}:3: not UTF-8 text (byte 0xe9); save the split file as UTF-8"
+
+
+def test_split_file_with_a_utf8_byte_order_mark_reads_every_line(tree):
+    cfg, _, splits = tree
+    val = splits / "pascal/val.txt"
+    val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes().replace(b"\n", b"\r\n"))
+    _, _, val_set = build_datasets(cfg, splits)
+    assert [image_id for image_id, _, _ in val_set.samples] == [f"JPEGImages/{n}.jpg" for n in NAMES[4:]]
+
+
+def test_binary_split_file_is_one_line(tree):
+    cfg, root, splits = tree
+    labeled = splits / "pascal/s/labeled.txt"
+    labeled.write_bytes(b"JPEGImages/a.jpg\x00\x00 x\n")
+    assert _error(cfg, splits) == f"split file {labeled} is not a text file (it holds NUL bytes)"
+
+
+def test_split_file_that_is_a_folder_is_one_line(tree):
+    cfg, _, splits = tree
+    val = splits / "pascal/val.txt"
+    val.unlink()
+    val.mkdir()
+    assert _error(cfg, splits) == f"split file {val} is a folder, not a file"
+
+
+def test_a_line_with_a_space_in_a_path_says_paths_cannot_hold_spaces(tree):
+    cfg, _, splits = tree
+    labeled = splits / "pascal/s/labeled.txt"
+    _write(labeled, ["JPEGImages/my photo.jpg SegmentationClass/my photo.png"])
+    assert _error(cfg, splits).startswith(f"{labeled}:1: expected 'image_path [mask_path]', got 4 fields (paths "
+                                          "cannot hold spaces)")
+
+
+@pytest.mark.parametrize("dataset", ["pascal", "synthetic"])
+def test_data_root_naming_a_file_is_one_line(tree, dataset):
+    cfg, root, splits = tree
+    a_file = root / f"JPEGImages/{NAMES[0]}.jpg"
+    cfg = cfg | {"dataset": dataset, "data_root": str(a_file), "nclass": 21 if dataset == "pascal" else 6}
+    assert _error(cfg, splits) == (f"data_root {a_file} is a file, not a folder (set data_root in the config, or "
+                                   "data_root=DIR on the command line)")
+
+
+def test_synthetic_data_root_under_a_file_is_one_line(tree):
+    cfg, root, splits = tree
+    inside_a_file = root / f"JPEGImages/{NAMES[0]}.jpg/synthetic"
+    message = _error(cfg | {"dataset": "synthetic", "nclass": 6, "data_root": str(inside_a_file)}, splits)
+    assert message.startswith(f"cannot generate the synthetic dataset in data_root {inside_a_file}: ")
+
+
+def test_splits_dir_naming_a_file_is_one_line(tree):
+    cfg, root, _ = tree
+    a_file = root / f"JPEGImages/{NAMES[0]}.jpg"
+    assert _error(cfg, a_file) == f"splits_dir {a_file} is a file, not a folder"
+
+
+def test_listed_paths_that_are_no_files_say_what_they_are(tree):
+    cfg, root, splits = tree
+    (root / "JPEGImages/folder.jpg").mkdir()
+    (root / "JPEGImages/loop.jpg").symlink_to("loop.jpg")
+    unlabeled = splits / "pascal/s/unlabeled.txt"
+    _write(unlabeled, [f"JPEGImages/{NAMES[2]}.jpg", "JPEGImages/folder.jpg", "JPEGImages/loop.jpg"])
+    assert _error(cfg, splits) == (f"{unlabeled}: 2 listed file(s) missing under data_root {root}: "
+                                   "JPEGImages/folder.jpg (a folder), JPEGImages/loop.jpg (a broken or looping "
+                                   "symlink)")
+
+
+def test_build_val_dataset_reads_only_val(tree):
+    cfg, _, splits = tree
+    (splits / "pascal/s/labeled.txt").unlink()
+    (splits / "pascal/s/unlabeled.txt").write_text("JPEGImages/gone.jpg\n")
+    val = build_val_dataset(cfg | {"split": "absent"}, splits)
+    assert [image_id for image_id, _, _ in val.samples] == [f"JPEGImages/{n}.jpg" for n in NAMES[4:]]
+
+
+def test_build_val_dataset_names_its_own_way_to_set_the_root(tree):
+    cfg, root, splits = tree
+    with pytest.raises(DatasetError) as caught:
+        build_val_dataset(cfg | {"data_root": str(root / "moved")}, splits, data_root_hint="pass --data-root DIR")
+    assert str(caught.value) == f"data_root not found: {root / 'moved'} (pass --data-root DIR)"
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "corrupt":  # a valid header, then noise
+        path.write_bytes(data[:len(data) // 3] + bytes(range(256)) * 4)
+    elif how == "huge header":  # a BMP whose header claims 100000 x 100000 pixels
+        path.write_bytes(b"BM" + bytes(8) + (54).to_bytes(4, "little") + (40).to_bytes(4, "little")
+                         + (100000).to_bytes(4, "little", signed=True) * 2 + (1).to_bytes(2, "little")
+                         + (24).to_bytes(2, "little") + bytes(24))
+    elif how == "folder":
+        path.unlink()
+        path.mkdir()
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("truncated", r"the file is truncated \(PIL: .+\)"),
+    ("corrupt", r"(the file is truncated|the file is damaged, or a variant PIL cannot decode) \(PIL: .+\)"),
+    ("huge header", "its header claims more than 178,956,970 pixels: a damaged file, or an image too large to load"),
+    ("folder", "Is a directory"),
+])
+def test_unreadable_image_reasons_are_words(tmp_path, how, reason):
+    write_voc_tree(str(tmp_path), ["x"], size=SIZE)
+    image = tmp_path / "JPEGImages/x.jpg"
+    _damage(image, how)
+    with pytest.raises(DatasetError) as caught:
+        read_image(image)
+    assert re.fullmatch(f"cannot read image {re.escape(str(image))}: {reason}", str(caught.value))
+
+
+def test_a_16_bit_mask_says_masks_are_8_bit(tmp_path):
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.zeros(SIZE, dtype=np.uint16)).save(mask)
+    with pytest.raises(DatasetError, match=r"^mask must be an 8-bit palette or grayscale image of class indices "
+                                           r"\(mode P or L\), got mode I;16: "):
+        read_mask(mask)
+
+
+def test_cityscapes_conversion_that_cannot_write_is_one_line(tmp_path, monkeypatch):
+    label_ids = tmp_path / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png"
+    label_ids.parent.mkdir(parents=True)
+    (tmp_path / "gtFine/val").mkdir()
+    Image.fromarray(np.full((4, 6), 7, dtype=np.uint8)).save(label_ids)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(SystemExit) as caught:
+        cityscapes.main(["--root", str(tmp_path), "--workers", "1"])
+    target = label_ids.with_name("aachen_000000_000019_gtFine_labelTrainIds.png")
+    assert caught.value.code == f"error: cannot write {target}: No space left on device"
+    assert sorted(path.name for path in label_ids.parent.iterdir()) == [label_ids.name]

@@ -1,4 +1,6 @@
 import math
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,141 @@ def test_committed_synthetic_splits_match_the_generator(tmp_path):
         assert (tmp_path / "splits" / rel_path).read_text() == (REPO / "splits" / rel_path).read_text()
     unlabeled = read_split(REPO / "splits/synthetic/1_16/unlabeled.txt", require_mask=True)
     assert len(unlabeled) == synthetic.NUM_TRAIN - math.ceil(synthetic.NUM_TRAIN / 16)
+
+
+def _fake_folder(root: Path, train: list[str], val: list[str] = ("v0",)) -> None:
+    """Empty files in the folder layout: images/{train,val}/NAME.jpg with masks/{train,val}/NAME.png."""
+    for subset, names in (("train", train), ("val", val)):
+        for name in names:
+            _touch(root / f"images/{subset}/{name}.jpg")
+            _touch(root / f"masks/{subset}/{name}.png")
+
+
+def _main_error(*argv: str) -> str:
+    with pytest.raises(SystemExit) as caught:
+        make_splits.main(list(argv))
+    message = str(caught.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_folder_names_with_spaces_are_refused_by_name_and_nothing_is_written(tmp_path):
+    # Written as they were, these lines read back as three or four fields, which read_split rejects.
+    _fake_folder(tmp_path / "data", ["a", "my photo", "b", "tab\tname"])
+    message = _main_error("folder", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "splits"))
+    assert "4 file name(s)" in message and "whitespace" in message and "rename them" in message
+    assert "'images/train/my photo.jpg', 'masks/train/my photo.png'" in message
+    assert not (tmp_path / "splits").exists()
+
+
+def test_every_builder_refuses_a_name_a_split_line_cannot_hold(tmp_path):
+    train, _, _ = _fake_pascal(tmp_path, num_train=4, num_extra=0, num_val=1)
+    _touch(tmp_path / "SegmentationClassAug/extra one.png")
+    _touch(tmp_path / "JPEGImages/extra one.jpg")
+    with pytest.raises(DatasetError, match=r"^'JPEGImages/extra one\.jpg' has whitespace in its path, which a split "
+                                           r"line 'image_path mask_path' cannot hold; rename it$"):
+        make_splits.pascal_splits(tmp_path, seed=0)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused(tmp_path):
+    name = os.fsdecode(b"caf\xe9")  # a Latin-1 name on a UTF-8 file system: not writable as UTF-8 text
+    _fake_folder(tmp_path, ["a", "b", name])
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        make_splits.folder_splits(tmp_path, seed=0)
+
+
+def test_names_with_punctuation_read_back_identically(tmp_path):
+    names = ["O'Brien", "a,b", "x#1", "ü-ß", "(c)"]
+    _fake_folder(tmp_path / "data", names)
+    make_splits.main(["folder", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "splits")])
+    samples = read_split(tmp_path / "splits/folder/1_2/labeled.txt", require_mask=True)
+    samples += read_split(tmp_path / "splits/folder/1_2/unlabeled.txt", require_mask=True)
+    assert sorted(samples) == sorted((f"images/train/{n}.jpg", f"masks/train/{n}.png") for n in names)
+
+
+def test_symlinked_folders_are_followed_and_loops_end(tmp_path):
+    _fake_folder(tmp_path / "data", ["a", "b"])
+    _fake_folder(tmp_path / "elsewhere", ["c", "d"])
+    os.symlink(tmp_path / "elsewhere/images/train", tmp_path / "data/images/train/site")
+    os.symlink(tmp_path / "elsewhere/masks/train", tmp_path / "data/masks/train/site")
+    os.symlink(".", tmp_path / "data/images/train/loop")
+    files = make_splits.folder_splits(tmp_path / "data", seed=0)
+    assert sorted(_ids(files["1_2/labeled.txt"] + files["1_2/unlabeled.txt"])) == ["a", "b", "c", "d"]
+
+
+def test_a_broken_or_looping_image_symlink_is_named(tmp_path):
+    _fake_folder(tmp_path, ["a", "b"])
+    os.symlink("nowhere.jpg", tmp_path / "images/train/gone.jpg")
+    os.symlink("self.jpg", tmp_path / "images/train/self.jpg")
+    with pytest.raises(DatasetError, match=r"^2 image\(s\) under .*train are broken or looping symlinks: "
+                                           r".*gone\.jpg, .*self\.jpg$"):
+        make_splits.folder_splits(tmp_path, seed=0)
+
+
+@pytest.mark.parametrize("encode, message", [
+    (lambda text: text.encode("utf-16"), "is UTF-16 text; save it as UTF-8"),
+    (lambda text: text.encode("latin-1") + b"caf\xe9\n", r"train\.txt:5: not UTF-8 text \(byte 0xe9\)"),
+])
+def test_an_image_set_in_another_encoding_is_one_line(tmp_path, encode, message):
+    _fake_pascal(tmp_path, num_train=4, num_extra=0, num_val=1, aug=False)
+    train_txt = tmp_path / "ImageSets/Segmentation/train.txt"
+    train_txt.write_bytes(encode(train_txt.read_text()))
+    with pytest.raises(DatasetError, match=message):
+        make_splits.pascal_splits(tmp_path, seed=0)
+
+
+def test_an_image_set_with_a_utf8_byte_order_mark_reads(tmp_path):
+    sets_dir = tmp_path / "ImageSets/Segmentation"
+    sets_dir.mkdir(parents=True)
+    (sets_dir / "train.txt").write_bytes(b"\xef\xbb\xbfa\r\nb\r\n")  # as Windows Notepad saves it
+    (sets_dir / "val.txt").write_text("c\n")
+    files = make_splits.synthetic_splits(tmp_path, seed=0)
+    assert sorted(files["1_2/labeled.txt"] + files["1_2/unlabeled.txt"]) == make_splits.synthetic_lines(["a", "b"])
+
+
+def test_existing_split_files_with_other_contents_are_kept_unless_forced(tmp_path):
+    _fake_folder(tmp_path / "data", ["a", "b", "c"])
+    out = tmp_path / "splits"
+    argv = ["folder", "--data-root", str(tmp_path / "data"), "--out", str(out)]
+    make_splits.main(argv)
+    make_splits.main(argv)  # the same contents again: nothing to refuse
+    labeled = out / "folder/1_2/labeled.txt"
+    labeled.write_text("images/train/a.jpg masks/train/a.png\n")
+    written = {path: path.read_bytes() for path in out.rglob("*.txt")}
+    message = _main_error(*argv, "--seed", "5")
+    assert f"exist with other contents, e.g. {labeled}" in message and "--force" in message
+    assert {path: path.read_bytes() for path in out.rglob("*.txt")} == written
+    make_splits.main([*argv, "--force"])
+    assert labeled.read_text() != "images/train/a.jpg masks/train/a.png\n"
+    assert not [path for path in out.rglob("*") if path.name.endswith(".tmp")]
+
+
+def test_the_published_splits_are_not_overwritten(tmp_path):
+    _fake_pascal(tmp_path / "voc", num_extra=10)
+    published = {path: path.read_bytes() for path in (REPO / "splits/pascal").rglob("*.txt")}
+    message = _main_error("pascal", "--data-root", str(tmp_path / "voc"), "--out", str(REPO / "splits"))
+    assert "exist with other contents" in message
+    assert {path: path.read_bytes() for path in (REPO / "splits/pascal").rglob("*.txt")} == published
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda tmp: tmp.joinpath("file").write_text("x") and tmp / "file",
+     r"cannot create folder .*file/folder/1_16: .*file is a file$"),
+    (lambda tmp: tmp.joinpath("splits/folder/1_2/labeled.txt").mkdir(parents=True) or tmp / "splits",
+     r"labeled\.txt is a folder, not a split file"),
+])
+def test_an_unwritable_out_is_one_line(tmp_path, make_out, message):
+    _fake_folder(tmp_path / "data", ["a", "b"])
+    out = make_out(tmp_path)
+    assert re.search(message, _main_error("folder", "--data-root", str(tmp_path / "data"), "--out", str(out)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-root", "{tmp}/data/images/train/a.jpg"], r"a\.jpg is a file, not a folder"),
+    (["--data-root", "{tmp}/data", "--images", "{tmp}/data/images"], "give a folder name under --data-root"),
+    (["--data-root", "{tmp}/data", "--masks", "../masks"], "give a folder name under --data-root"),
+])
+def test_bad_folder_arguments_are_one_line(tmp_path, argv, message):
+    _fake_folder(tmp_path / "data", ["a", "b"])
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    assert re.search(message, _main_error("folder", *argv, "--out", str(tmp_path / "splits")))
