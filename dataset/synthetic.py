@@ -182,10 +182,7 @@ def _paint(canvas: np.ndarray, mask: np.ndarray, item: dict) -> None:
     cos, sin = math.cos(item["angle"]), math.sin(item["angle"])
     u = (cos * dx + sin * dy) / (radius * aspect)
     v = (cos * dy - sin * dx) * aspect / radius
-    if "shape" in item:  # an object of another task (dataset/shapes_pretrain.py) carries its own appearance
-        inside = item["shape"](u, v)
-        pattern = item["texture"](u, v, item["k"], item["phase"])
-    elif item["label"]:
+    if item["label"]:
         shape, texture = _CLASSES[item["label"]]
         inside = shape(u, v)
         pattern = texture(u, v, item["k"], item["phase"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dataset.semi import DatasetError, build_datasets  # noqa: E402
+from dataset.semi import DatasetError, build_val_dataset  # noqa: E402
 from eval import load_trained_model  # noqa: E402
 from util.checkpoint import CheckpointError  # noqa: E402
 from util.config import ConfigError  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     model, cfg, state = load_trained_model(args.checkpoint, device, args.data_root)
     if not cfg["cif"]:
         raise SystemExit(f"error: {args.checkpoint} was trained with cif: false, so it has no gate")
-    _, _, val_set = build_datasets(cfg, cfg["splits_dir"])
+    val_set = build_val_dataset(cfg, cfg["splits_dir"], data_root_hint="pass --data-root DIR")
     print(f"checkpoint {args.checkpoint} (epoch {state['epoch']}), {len(val_set)} validation images\n")
     print(gate_report(model, val_set, args.scales, device))
 
