@@ -11,10 +11,12 @@ worker, against a UniMatch-style PIL pipeline; 5 evaluation images per second; 6
 relative to a large matrix multiply.
 
 Defaults fit a small CPU (tv_resnet18, crop 96, batch 2); with --device cuda they are the Pascal setting (resnet101
-with the deep stem, crop 513, batch 2 labeled + 2 unlabeled, fp16 autocast as the release). Models are randomly initialised and
-inputs synthetic: speed and memory do not depend on the weights. --quick shrinks everything to check that the suite
-runs (its numbers mean nothing). On a CPU shared with other work, --threads 1 keeps timings stable: with every core
-busy, each multi-threaded op waits for its slowest thread.
+with the deep stem, 21 classes, crop 513, batch 2 labeled + 2 unlabeled, fp16 autocast with the gradient scaler as the
+release), section 1 also compares the step with the release's logged time and section 2 adds the peak memory of a
+whole training process per image scale. Models are randomly initialised and inputs synthetic: speed and memory do not
+depend on the weights. --quick shrinks everything to check that the suite runs (its numbers mean nothing). On a CPU
+shared with other work, --threads 1 keeps timings stable: with every core busy, each multi-threaded op waits for its
+slowest thread.
 """
 import argparse
 import inspect
@@ -54,8 +56,10 @@ from util.inference import predict_probs, predict_sliding_window, window_starts 
 from util.metrics import MeanIoU  # noqa: E402
 
 NCLASS = 6
+PASCAL_NCLASS = 21  # the GPU default is the Pascal setting: the logits of every view have this many channels
 SECTIONS = (1, 2, 3, 4, 5, 6)
-TARGETS = {"step_vs_pixels": 1.1, "isvc_vs_largest": 1.05, "data_speedup": 1.5, "window_batching": 2.0}
+TARGETS = {"step_vs_pixels": 1.1, "isvc_vs_largest": 1.05, "data_speedup": 1.5, "window_batching": 2.0,
+           "peak_per_gpu_gib": 12.0, "release_step_s": 0.85}
 # Scale groups of the paper's Table 5 (the baseline has no rescaled view).
 SCALE_GROUPS = ((), (0.5,), (2.0,), (0.5, 2.0), (0.25, 0.5, 1.5, 2.0))
 # (crop, name, image width, height, file format, timed samples) of the data pipeline: Pascal VOC and Cityscapes.
@@ -63,11 +67,13 @@ DATA_INPUTS = ((513, "Pascal-like", 500, 375, "JPEG", 30), (801, "Cityscapes-lik
 EVAL_SCALES = (0.5, 2.0)
 NO_GRAD_COST = 1 / 3  # a forward pass without backward, in trained passes (backward costs about two forwards)
 MIB = 2 ** 20
+GIB = 2 ** 30
+MOMENTUM_TRIES = 8  # steps a memory measurement waits for fp16's scaler to apply an update (halving its scale each)
 
 
 @dataclass
 class Setup:
-    """What every section runs on: device, network, crop, batch and how many timed repetitions."""
+    """What every section runs on: device, network, classes, crop, batch and how many timed repetitions."""
     device: torch.device
     backbone: str
     crop: int
@@ -75,13 +81,14 @@ class Setup:
     steps: int
     warmup: int
     quick: bool
+    nclass: int = NCLASS
     image_scales: tuple[float, ...] = ()
     scale_groups: tuple[tuple[float, ...], ...] = SCALE_GROUPS
     amp_dtype: torch.dtype | None = None
     cache: dict = field(default_factory=dict)
 
     def config(self, **overrides) -> dict:
-        base = {"dataset": "synthetic", "data_root": "unused", "nclass": NCLASS, "backbone": self.backbone,
+        base = {"dataset": "synthetic", "data_root": "unused", "nclass": self.nclass, "backbone": self.backbone,
                 "pretrained": None, "crop_size": self.crop, "batch_size": self.batch}
         return validate(dict(base, **overrides), "benchmark")
 
@@ -127,7 +134,7 @@ def synthetic_batches(setup: Setup, seed: int = 0) -> tuple[dict, dict, dict]:
     def images() -> torch.Tensor:
         return torch.randn(batch, 3, size, size, generator=g).to(setup.device)
 
-    def labels(high: int = NCLASS) -> torch.Tensor:
+    def labels(high: int = setup.nclass) -> torch.Tensor:
         return torch.randint(0, high, (batch, size, size), generator=g).to(setup.device)
 
     ignore = torch.zeros(batch, size, size, dtype=torch.long, device=setup.device)
@@ -142,16 +149,18 @@ def synthetic_batches(setup: Setup, seed: int = 0) -> tuple[dict, dict, dict]:
 
 class Trainer:
     """A model and optimizer of one setting; ``step(cfg)`` runs one training iteration of scalematch.py on fixed
-    synthetic batches (forward, loss of Eq. 17, backward, SGD update)."""
+    synthetic batches (forward, loss of Eq. 17, backward, SGD update, through the gradient scaler under fp16)."""
 
     def __init__(self, setup: Setup, cfg: dict, seed: int = 0):
         self.setup = setup
         torch.manual_seed(seed)
         self.model = build_model(cfg).to(setup.device).train()
         self.optimizer = scalematch.build_optimizer(cfg, self.model)
+        # As scalematch.train: a scaler under fp16 autocast only (a pass-through otherwise).
+        self.scaler = torch.amp.GradScaler("cuda", enabled=setup.amp_dtype == torch.float16)
         self.criterion = scalematch.labeled_criterion(cfg)
         self.batches = synthetic_batches(setup, seed)
-        self.quality = {name: MeanIoU(NCLASS, device=setup.device) for name in ("1x", "average", "cif")}
+        self.quality = {name: MeanIoU(setup.nclass, device=setup.device) for name in ("1x", "average", "cif")}
 
     def loss(self, cfg: dict) -> torch.Tensor:
         labeled, unlabeled, partner = self.batches
@@ -169,8 +178,9 @@ class Trainer:
 
     def step(self, cfg: dict) -> None:
         loss = self.loss(cfg)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         # Freed here rather than at the next step's start, so no step's peak includes the last step's gradients.
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -264,12 +274,18 @@ def cpu_model() -> str:
 
 
 def machine_header(setup: Setup, argv: list[str]) -> str:
-    device = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "CPU (no GPU)"
+    device = "CPU (no GPU)"
+    classes = ""
+    if setup.device.type == "cuda":
+        memory = torch.cuda.get_device_properties(setup.device).total_memory / GIB
+        device = f"{torch.cuda.get_device_name(setup.device)}, {memory:.0f} GiB, CUDA {torch.version.cuda}"
+        classes = f", {setup.nclass} classes"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = [["command", f"`{shlex.join(['python', 'scripts/benchmark.py', *argv])}`"],
             ["CPU", f"{cpu_model()}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}"],
             ["device", device], ["torch", f"{torch.__version__}, Python {platform.python_version()}"],
-            ["setting", f"{setup.backbone}, crop {setup.crop}, batch {setup.batch} labeled + {setup.batch} unlabeled, "
+            ["setting", f"{setup.backbone}{classes}, crop {setup.crop}, "
+                        f"batch {setup.batch} labeled + {setup.batch} unlabeled, "
                         f"{'autocast ' + str(setup.amp_dtype).removeprefix('torch.') if setup.amp_dtype else 'float32'}"
                         f", {setup.steps} timed repetitions after {setup.warmup} warm-up"],
             ["load average at start", load]]
@@ -301,8 +317,9 @@ def section_step_time(setup: Setup) -> str:
              for name, v in zip(names, m["scales"])]
     # v is drawn uniformly from img_scales, so the expected step is the mean of the per-v steps.
     mean_predicted = statistics.mean(predicted_ratio(share, v) for v in m["scales"])
-    rows.append(row(f"ScaleMatch, mean over img_scales {m['scales']}", statistics.mean(median[n] for n in names), "",
-                    mean_predicted, statistics.mean(flops[n] for n in names)))
+    mean_step = statistics.mean(median[n] for n in names)
+    rows.append(row(f"ScaleMatch, mean over img_scales {m['scales']}", mean_step, "", mean_predicted,
+                    statistics.mean(flops[n] for n in names)))
     mean_ratio = float(rows[-1][6])
     worst_v, worst = max(((v, median[n] / fixmatch / predicted_ratio(share, v)) for n, v in zip(names, m["scales"])),
                          key=lambda check: check[1])
@@ -316,6 +333,12 @@ def section_step_time(setup: Setup) -> str:
              f"Target: ScaleMatch within {limit}x of the pixel prediction: mean over img_scales "
              f"{mean_ratio:.2f} {verdict(mean_ratio <= limit)}; worst single v ({worst_v:g}) {worst:.2f} "
              f"{verdict(worst <= limit)}.")
+    if setup.device.type == "cuda":
+        release = TARGETS["release_step_s"]
+        notes += (f"\n\nTarget: a ScaleMatch step no slower than the release's {release} s per iteration of "
+                  f"{setup.batch} + {setup.batch} images per GPU (its training log, 4 x RTX 4090, other GPUs than "
+                  f"this one): mean over img_scales {mean_step:.3f} s {verdict(mean_step <= release)}. The step here "
+                  f"excludes data loading and DDP's gradient all-reduce.")
     header = ["setting", "step ms", "range ms", "x supervised", "x FixMatch", "x FixMatch predicted (pixels)",
               "measured / predicted", "FLOPs x FixMatch"]
     return "## 1. Training step time\n\n" + table(header, rows) + "\n\n" + notes
@@ -372,13 +395,28 @@ def peak_allocated(setup: Setup, step: Callable[[], None]) -> int:
     return max(m["Total Allocated"] for m in memory) - start
 
 
-def measure_memory(setup: Setup, trainer: Trainer, cfg: dict) -> tuple[int, int] | None:
-    """(saved activation bytes, peak allocated bytes) of a training step; the step that counts the saved tensors
-    comes first and creates the momentum buffers, so the peak is that of a step in the middle of training. None when
-    the GPU runs out of memory."""
+def resident_bytes(trainer: Trainer) -> int:
+    """Bytes a training process holds between steps: parameters, buffers, optimizer state and its batches."""
+    tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
+    tensors += [t for state in trainer.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    for batch in trainer.batches:
+        for value in batch.values():
+            tensors += value if isinstance(value, list) else [value]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def measure_memory(setup: Setup, trainer: Trainer, cfg: dict) -> tuple[int, int, int] | None:
+    """(saved activation bytes, peak allocated bytes, bytes held between steps) of a training step; the step that
+    counts the saved tensors comes first and creates the momentum buffers, so the peak is that of a step in the middle
+    of training. None when the GPU runs out of memory."""
     try:
         saved = SavedActivations(trainer.model).run(lambda: trainer.step(cfg))
-        return saved, peak_allocated(setup, lambda: trainer.step(cfg))
+        # fp16's scaler skips the update of a step whose gradients overflow, and the momentum buffers come with it.
+        for _ in range(MOMENTUM_TRIES):
+            if trainer.optimizer.state:
+                break
+            trainer.step(cfg)
+        return saved, peak_allocated(setup, lambda: trainer.step(cfg)), resident_bytes(trainer)
     except torch.cuda.OutOfMemoryError:
         pass
     # Outside the except block, whose traceback still holds the failed step's tensors.
@@ -396,7 +434,7 @@ def section_memory(setup: Setup) -> str:
     trainer = Trainer(setup, setup.config(**scalematch_at(1.0)))
     single = {v: measure_memory(setup, trainer, setup.config(**scalematch_at(v)))
               for v in sorted({v for group in setup.scale_groups for v in group})}
-    saved, peak = (None, None) if baseline is None else baseline
+    saved, peak, _ = (None, None, None) if baseline is None else baseline
     rows = [["baseline (FixMatch)", "-", mebibytes(saved), "", "", mebibytes(peak), "", "", "", ""]]
     isvc_ratios, mri_ratios = [], []
     for group in setup.scale_groups[1:]:
@@ -428,8 +466,41 @@ def section_memory(setup: Setup) -> str:
              f"MRI peak over largest-scale-only: {mri_growth}.")
     header = ["scale group", "largest v", "ISVC saved", "MRI saved", "largest-only saved", "ISVC peak", "MRI peak",
               "largest-only peak", "ISVC / largest-only (peak)", "MRI / largest-only (peak)"]
-    return ("## 2. Peak memory: ISVC against multi-resolution input (Table 5 groups)\n\n" + table(header, rows)
+    text = ("## 2. Peak memory: ISVC against multi-resolution input (Table 5 groups)\n\n" + table(header, rows)
             + "\n\n" + notes)
+    if setup.device.type == "cuda":
+        text += "\n\n" + gpu_peak_table(setup, baseline, single)
+    return text
+
+
+def gigibytes(value: int | None) -> str:
+    return "OOM" if value is None else f"{value / GIB:.2f}"
+
+
+def gpu_peak_table(setup: Setup, baseline: tuple | None, single: dict) -> str:
+    """Peak memory of a whole training process on the GPU, per setting and per image scale v: what it holds between
+    steps plus the step's peak above that."""
+    settings = [("FixMatch (baseline)", baseline)] + [(f"ScaleMatch v={v:g}", single[v]) for v in sorted(single)]
+    rows, totals = [], []
+    for name, result in settings:
+        held, step = (None, None) if result is None else (result[2], result[1])
+        total = None if result is None else held + step
+        rows.append([name, gigibytes(held), gigibytes(step), gigibytes(total)])
+        if name.startswith("ScaleMatch"):
+            totals.append(total)
+    limit = TARGETS["peak_per_gpu_gib"]
+    if None in totals:
+        largest = "n/a (out of memory)"
+    else:
+        largest = f"{max(totals) / GIB:.2f} GiB {verdict(max(totals) <= limit * GIB)}"
+    notes = (f"GiB (2^30 bytes) of one training process on the GPU: 'held' is what it keeps between steps (parameters, "
+             f"buffers, SGD momentum, its batch); 'step' the peak of torch.cuda.max_memory_allocated during a step "
+             f"above that; 'peak' their sum, what one process of a run with {setup.batch} + {setup.batch} images per "
+             f"GPU allocates at most at that v ({setup.nclass} classes, CIF on, t = 1). The CUDA context and the "
+             f"caching allocator's unused reserve, which nvidia-smi also counts, come on top.\n\n"
+             f"Target: at most {limit:g} GiB per GPU at every v (the paper reports 15.5 GB): largest {largest}.")
+    header = ["setting", "held", "step", "peak"]
+    return "**Peak per GPU of a training process**\n\n" + table(header, rows) + "\n\n" + notes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -440,8 +511,9 @@ def section_wkv(setup: Setup) -> str:
     device = setup.device.type
     batch, channels = 2 * setup.batch, setup.config()["cif_channels"]
     lengths = (256,) if setup.quick else LENGTHS
-    # The oracle is timed where its extrapolated time fits this budget (seconds per run).
-    oracle_budget = 2.0 if setup.quick else 20.0
+    # The oracle is timed where its extrapolated time fits this budget (seconds per run); on a GPU it keeps the run
+    # of scripts/gpu_check.py within its time.
+    oracle_budget = 2.0 if setup.quick else 5.0 if device == "cuda" else 20.0
     rows, oracle_seconds, load = [], None, OtherLoad()
     load.start()
     for num_tokens in lengths:
@@ -727,7 +799,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
                   batch=args.batch or 2,
                   steps=args.steps or (1 if quick else 5),
                   warmup=1 if quick or not gpu else 2,
-                  quick=quick)
+                  quick=quick,
+                  nclass=PASCAL_NCLASS if gpu and not quick else NCLASS)
     setup.amp_dtype = scalematch.autocast_dtype(setup.config(), device)
     # --quick keeps two image scales and one multi-scale group: enough to run every code path.
     setup.image_scales = (0.5, 2.0) if quick else tuple(setup.config()["img_scales"])

@@ -1,10 +1,16 @@
-"""scripts/benchmark.py runs end to end at --quick sizes and prints its tables (no timing is asserted)."""
+"""scripts/benchmark.py runs end to end at --quick sizes and prints its tables (no timing is asserted); its GPU-only
+memory table from given measurements."""
+import os
 import re
 import sys
 
 import pytest
+import torch
 
-from conftest import run
+from conftest import REPO, run
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import benchmark  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +63,18 @@ def test_bad_sections_are_refused_in_one_line():
     result = run([sys.executable, "scripts/benchmark.py", "--sections", "1,7"], check=False)
     assert result.returncode == 2
     assert "--sections '1,7': expected numbers from 1 to 6" in result.stderr
+
+
+def test_peak_per_gpu_adds_what_a_process_holds_to_the_peak_of_its_step():
+    setup = benchmark.Setup(device=torch.device("cpu"), backbone="resnet101", crop=513, batch=2, steps=1, warmup=1,
+                            quick=False, nclass=21)
+    gib = benchmark.GIB
+    # (saved activations, step peak above what is held, held between steps), as measure_memory returns them.
+    text = benchmark.gpu_peak_table(setup, (0, 2 * gib, gib), {0.5: (0, 3 * gib, gib), 2.0: (0, 12 * gib, gib)})
+    rows = {row[0]: row[1:] for row in table_rows(text)}
+    assert rows == {"FixMatch (baseline)": ["1.00", "2.00", "3.00"], "ScaleMatch v=0.5": ["1.00", "3.00", "4.00"],
+                    "ScaleMatch v=2": ["1.00", "12.00", "13.00"]}
+    assert "Target: at most 12 GiB per GPU at every v (the paper reports 15.5 GB): largest 13.00 GiB **not met**." \
+        in text
+    out_of_memory = benchmark.gpu_peak_table(setup, (0, 2 * gib, gib), {2.0: None})
+    assert "| ScaleMatch v=2 | OOM | OOM | OOM |" in out_of_memory and "largest n/a (out of memory)" in out_of_memory

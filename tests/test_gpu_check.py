@@ -1,0 +1,132 @@
+"""scripts/gpu_check.py on the CPU: without a GPU one line and exit 0, bad arguments one line and exit 2, and (with
+stand-in parts) the timing, stopping, verdicts and report of a run."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, command_env
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import gpu_check  # noqa: E402
+
+
+def gpu_check_command(*args: str, hide_gpu: bool = True) -> subprocess.CompletedProcess:
+    env = dict(command_env(), CUDA_VISIBLE_DEVICES="") if hide_gpu else command_env()
+    return subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
+    out = tmp_path / "report.md"
+    result = gpu_check_command("--out", str(out), "--parts", "tests,memory")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is false), so nothing was run"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--parts", "tests,speed"], "error: argument --parts: 'tests,speed': expected distinct names from tests, memory, "
+                                 "step, eval, wkv separated by commas"),
+    (["--parts", "eval,eval"], "error: argument --parts: 'eval,eval': expected distinct names"),
+    (["--out", "."], "error: argument --out: . is a folder; give a file path"),
+    (["--budget", "5"], "error: unrecognized arguments: --budget 5"),
+])
+def test_bad_arguments_exit_2_in_one_line(args, expected):
+    # Checked before anything looks for a GPU, so the answer is the same with one.
+    result = gpu_check_command(*args, hide_gpu=False)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(expected), result.stderr
+    assert result.stdout == ""
+
+
+def test_a_part_past_its_time_is_stopped_with_the_processes_it_started(tmp_path):
+    # The child runs in a session of its own, as torchrun's workers do.
+    child_pid = tmp_path / "child.pid"
+    script = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        open({str(child_pid)!r}, "w").write(str(child.pid))
+        print("started", flush=True)
+        time.sleep(60)
+    """)
+    outcome = gpu_check.run_part("slow", [sys.executable, "-c", script], timeout_s=3)
+    assert outcome.started and outcome.code is None and 3 <= outcome.seconds < 20
+    assert outcome.stdout == "started\n"
+    pid = int(child_pid.read_text())
+    # SIGKILL takes a moment to land.
+    for _ in range(50):
+        if ended(pid):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the part's child process {pid} is still running")
+
+
+def ended(pid: int) -> bool:
+    """Whether process ``pid`` is gone or a zombie (state Z) that whoever inherited it has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+# Stand-ins for the parts: pytest writing JUnit XML with a failure and a skip, a benchmark printing a section with a
+# target, a failing part, and one that runs past the budget.
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_cuda" name="test_bi_wkv_under_autocast[torch.float16]" time="0.52"/>
+<testcase classname="tests.test_cuda" name="test_eval_on_the_gpu[original]" time="3.10">
+<failure message="AssertionError: mIoU out of range&#10;assert False">trace</failure></testcase>
+<testcase classname="tests.test_cuda" name="test_sync_batch_norm_under_torchrun[gloo-2]" time="0.00">
+<skipped message="needs a CUDA GPU"/></testcase>
+</testsuite></testsuites>"""
+BENCHMARK_OUTPUT = ("# scalematch benchmarks\n\n| | |\n| --- | --- |\n| device | GPU |\n\n## 2. Peak memory\n\n"
+                    "| setting | peak |\n| --- | --- |\n| v=2 | 9.50 |\n\n"
+                    "Target: at most 12 GiB per GPU: largest 9.50 GiB **met**.\n\nLoad average at the end: 1.00.\n")
+STAND_INS = {
+    "tests": ("CUDA tests", ["-c", f"import sys; open(sys.argv[1].split('=', 1)[1], 'w').write({JUNIT!r}); "
+                                   "sys.exit(1)"]),
+    "memory": ("peak memory", ["-c", f"print({BENCHMARK_OUTPUT!r}, end='')"]),
+    "step": ("step time", ["-c", "import sys; print('Traceback: boom', file=sys.stderr); sys.exit(3)"]),
+    "eval": ("evaluation", ["-c", "import time; time.sleep(60)"]),
+    "wkv": ("bi_wkv", ["-c", "print('never')"]),
+}
+
+
+def test_a_run_reports_every_part_and_exits_1_when_one_failed(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_check, "PARTS", STAND_INS)
+    monkeypatch.setattr(gpu_check, "cuda_machine", lambda: [["device", "Stand-in GPU, 80 GiB"]])
+    monkeypatch.setattr(gpu_check, "BUDGET_S", gpu_check.REPORT_MARGIN_S + 8)
+    out = tmp_path / "new" / "report.md"
+    assert gpu_check.main(["--out", str(out)]) == 1
+    report = out.read_text()
+    assert capsys.readouterr().out.rstrip().endswith(f"report written to {out}")
+    assert "| result | **failed: tests, step, eval, wkv** |" in report
+    assert "| device | Stand-in GPU, 80 GiB |" in report
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    assert "failed (exit code 1)" in rows["tests"]
+    assert "| memory | peak memory | passed |" in rows["memory"]
+    assert "failed (exit code 3)" in rows["step"]
+    assert "stopped at the 8-minute limit after" in rows["eval"]
+    assert "not run: the 8-minute budget was spent" in rows["wkv"]
+    # The tests, one row each, with the failure's message; the benchmark's section a level down, with its target.
+    assert "| test_eval_on_the_gpu[original] | failed: AssertionError: mIoU out of range assert False | 3.1 |" in report
+    assert "| test_sync_batch_norm_under_torchrun[gloo-2] | skipped: needs a CUDA GPU | 0.0 |" in report
+    assert "\n### 2. Peak memory\n" in report and "\n# scalematch benchmarks" not in report
+    assert "\nLoad average at the end" not in report
+    assert "\n`python -c 'import time; time.sleep(60)'`\n" in report  # each part's command
+    assert "- memory: at most 12 GiB per GPU: largest 9.50 GiB **met**." in report
+    assert "Traceback: boom" in report  # a failed part's last lines
+
+
+def test_skipped_cuda_tests_fail_the_tests_part():
+    passed = gpu_check.Outcome("tests", True, 0, 1.0, "", "")
+    assert gpu_check.part_verdict(passed, [("a", "passed", 0.1, ""), ("b", "skipped", 0.0, "no GPU")]) == (
+        False, "1 of 2 tests skipped")
+    assert gpu_check.part_verdict(passed, []) == (False, "no test ran")
+    assert gpu_check.part_verdict(passed, [("a", "passed", 0.1, "")]) == (True, "passed: 1 of 1 tests")
