@@ -1,10 +1,20 @@
+import errno
+import io
 import os
+import pickle
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint, load_model_state, save_checkpoint
+from conftest import REPO
+from util import checkpoint
+from util.checkpoint import (CheckpointError, RunDirectoryError, find_latest_run, load_checkpoint, load_model_state,
+                              lock_run_directory, release_run_directory, remove_stale_temporaries, save_checkpoint,
+                              write_atomically)
 
 
 def training_state():
@@ -54,12 +64,57 @@ def test_crash_during_save_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", save_half_then_die)
-    with pytest.raises(OSError, match="disk full"):
+    kept = "the previous one is left as it was"
+    with pytest.raises(CheckpointError, match=f"^{path}: cannot write it \\(disk full\\); {kept}$"):
         save_checkpoint({"epoch": 2, "weight": torch.zeros(3)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["weight"], torch.ones(3))
     assert os.listdir(tmp_path) == ["latest.pth"]
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after 1000 bytes."""
+
+    def write(self, data):
+        if self.tell() + len(data) > 1000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_disk_full_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """As a full disk makes torch.save fail: its zip writer raises a RuntimeError while handling the OSError."""
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(path, "wb"), raising=False)
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint({"weight": torch.zeros(10_000)}, tmp_path / "best.pth")
+    assert str(caught.value) == (f"{tmp_path / 'best.pth'}: cannot write it (No space left on device); nothing was "
+                                 "written")
+    assert isinstance(caught.value.__context__.__context__, OSError)  # the RuntimeError above it is torch's
+    assert os.listdir(tmp_path) == []
+
+
+def test_read_only_directory_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    save_checkpoint({"epoch": 1}, tmp_path / "latest.pth")
+    real_open = open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)) and "w" in (args[0] if args else kwargs.get("mode", "r")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint({"epoch": 2}, tmp_path / "latest.pth")
+    monkeypatch.undo()
+    assert str(caught.value) == (f"{tmp_path / 'latest.pth'}: cannot write it (Read-only file system); the previous "
+                                 "one is left as it was")
+    assert load_checkpoint(tmp_path / "latest.pth") == {"epoch": 1}
+
+
+def test_write_atomically_takes_any_writer(tmp_path):
+    write_atomically(tmp_path / "config.yaml", lambda temporary: temporary.write_text("a: 1\n"))
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
+    assert os.listdir(tmp_path) == ["config.yaml"]
 
 
 def test_interrupt_during_save_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -84,16 +139,29 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
         load_checkpoint(tmp_path / "absent.pth")
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, damage):
+@pytest.mark.parametrize("damage, reason", [
+    ("empty", "the file is empty"),
+    ("text", "not a file written by torch.save"),
+    ("truncated", "the file is cut short: its zip archive has no end, as after an interrupted copy or a full disk"),
+    ("pickle", "a plain pickle or a pre-1.6 torch.save file, not the zip container torch.save writes")])
+def test_corrupt_checkpoint_is_a_one_line_error_that_says_what_is_wrong(tmp_path, damage, reason):
+    # Before: torch's own reasons, e.g. "(101)" for a text file or "()" for an empty one.
     path = tmp_path / "best.pth"
     save_checkpoint(training_state(), path)
     data = path.read_bytes()
-    path.write_bytes(b"not a checkpoint at all" if damage == "garbage" else data[: len(data) // 2])
+    damaged = {"empty": b"", "text": b"not a checkpoint at all", "truncated": data[: len(data) // 2],
+               "pickle": pickle.dumps({"model": {}})}[damage]
+    path.write_bytes(damaged)
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(path)
-    message = str(caught.value)
-    assert message.startswith(f"{path}: not a readable checkpoint (") and "\n" not in message
+    assert str(caught.value) == f"{path}: not a readable checkpoint ({reason})"
+
+
+def test_a_file_holding_something_else_than_a_dict_is_refused(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match=r"weights\.pth: not a checkpoint \(it holds a Tensor, not a dict"):
+        load_checkpoint(path)
 
 
 class Arbitrary:
@@ -103,7 +171,7 @@ class Arbitrary:
 def test_arbitrary_objects_are_refused_on_load(tmp_path):
     path = tmp_path / "evil.pth"
     save_checkpoint({"payload": Arbitrary()}, path)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"readable checkpoint \(it holds Python objects other than tensors"):
         load_checkpoint(path)
 
 
@@ -168,3 +236,84 @@ def test_load_model_state_names_what_does_not_fit_in_one_line(change, expected):
     assert message.startswith("run/latest.pth: its tensors do not fit the network of its config: ")
     assert expected in message and "\n" not in message
     assert_same(model.state_dict(), before)  # nothing was loaded
+
+
+def dead_pid():
+    """The pid of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_second_lock_of_a_live_run_is_refused_in_one_line(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {REPO!r})
+from util.checkpoint import lock_run_directory
+lock_run_directory({str(tmp_path / "run")!r})
+print("locked", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirectoryError) as caught:
+            lock_run_directory(tmp_path / "run")
+        assert str(caught.value) == (f"{tmp_path / 'run'} is in use by process {holder.pid} on {socket.gethostname()} "
+                                     "(see its run.lock): wait for that run to end, or give this one another run_name")
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its owner gone (SIGKILL: it could not clean up), the lock is taken over and says so.
+    descriptor, note = lock_run_directory(tmp_path / "run")
+    assert note == f"took over {tmp_path / 'run' / 'run.lock'} from process {holder.pid} on {socket.gethostname()}, " \
+                   "which no longer runs"
+    assert (tmp_path / "run" / "run.lock").read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    release_run_directory(descriptor)
+    assert (tmp_path / "run" / "run.lock").read_text() == ""
+    descriptor, note = lock_run_directory(tmp_path / "run")  # after a clean end: nothing to report
+    assert note is None
+    release_run_directory(descriptor)
+
+
+def test_a_dead_owners_lock_file_is_taken_over(tmp_path):
+    (tmp_path / "run").mkdir()
+    pid = dead_pid()
+    (tmp_path / "run" / "run.lock").write_text(f"{pid} {socket.gethostname()}\n")
+    descriptor, note = lock_run_directory(tmp_path / "run")
+    assert note.endswith(f"from process {pid} on {socket.gethostname()}, which no longer runs")
+    release_run_directory(descriptor)
+
+
+def test_a_file_system_without_locks_trains_on_and_says_so(tmp_path, monkeypatch):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr("fcntl.lockf", no_locks)
+    descriptor, note = lock_run_directory(tmp_path / "run")
+    assert descriptor is None
+    assert note == (f"{tmp_path / 'run' / 'run.lock'}: cannot lock the run directory (No locks available), so a "
+                    "second launch of this run would not be refused")
+
+
+def test_an_unwritable_run_directory_is_one_line(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith("run.lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(RunDirectoryError) as caught:
+        lock_run_directory(tmp_path / "run")
+    assert str(caught.value) == (f"{tmp_path / 'run' / 'run.lock'}: cannot create the run directory or its lock "
+                                 "(Read-only file system)")
+
+
+def test_temporaries_of_dead_writers_are_removed(tmp_path):
+    dead = dead_pid()
+    for name in (f".latest.pth.{dead}.tmp", f".best.pth.{dead}.tmp", f".best.pth.{os.getpid()}.tmp", "latest.pth",
+                 "notes.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [f".best.pth.{dead}.tmp", f".latest.pth.{dead}.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [f".best.pth.{os.getpid()}.tmp", "latest.pth", "notes.tmp"]

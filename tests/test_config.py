@@ -158,6 +158,24 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
+@pytest.mark.parametrize("encoding, expected", [
+    ("utf-16", "line 1: not UTF-8 text (byte 0xff); save the config as UTF-8"),
+    ("latin-1", "line 4: not UTF-8 text (byte 0xe9); save the config as UTF-8")])
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, encoding, expected):
+    """Before: a UnicodeDecodeError traceback."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(MINIMAL.replace("nclass: 4", "nclass: 4\nrun_name: caf\u00e9"), encoding=encoding)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {expected}"
+
+
+def test_a_config_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(MINIMAL, encoding="utf-8-sig")
+    assert load_config(path)["nclass"] == 4
+
+
 def test_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load(tmp_path, overrides=["amp=false", "epochs=3", "scale_range=[0.75, 1.5]", "pretrained=null",
                                     "run_name=try 1"])

@@ -1,4 +1,7 @@
-"""Runs survive faults: SIGKILL at any moment, SIGTERM, non-finite losses, resuming a changed experiment."""
+"""Runs survive faults: SIGKILL at any moment (of one process or of torchrun's two), SIGTERM, non-finite losses and
+models, a full disk, resuming a changed experiment."""
+import errno
+import glob
 import os
 import signal
 import subprocess
@@ -20,8 +23,13 @@ def checkpoint_iteration(path):
         return -1
 
 
+def child_pids(pid):
+    return [int(child) for task in glob.glob(f"/proc/{pid}/task/*/children") for child in open(task).read().split()]
+
+
 def run_until_killed(command, latest, past_iteration):
-    """Start training and SIGKILL it as soon as latest.pth is past ``past_iteration``."""
+    """Start training and SIGKILL it as soon as latest.pth is past ``past_iteration``: its process group and, under
+    torchrun, the workers, which run in sessions of their own."""
     process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -29,6 +37,8 @@ def run_until_killed(command, latest, past_iteration):
         assert process.poll() is None, "training ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
+    for pid in child_pids(process.pid):
+        os.kill(pid, signal.SIGKILL)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
@@ -53,6 +63,40 @@ def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path):
         assert torch.equal(tensor, killed["model"][name]), name
     for group_a, group_b in zip(straight["optimizer"]["state"].values(), killed["optimizer"]["state"].values()):
         assert torch.equal(group_a["momentum_buffer"], group_b["momentum_buffer"])
+    assert straight["best_miou"] == killed["best_miou"]
+
+
+def differing_tensors(a, b):
+    """Names of the tensors that differ between two checkpoints: model, momentum buffers, every rank's statistics
+    and random states."""
+    pairs = [(f"model.{name}", tensor, b["model"][name]) for name, tensor in a["model"].items()]
+    pairs += [(f"momentum.{index}", state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
+              for index, state in a["optimizer"]["state"].items()]
+    for rank, (mine, theirs) in enumerate(zip(a["processes"], b["processes"])):
+        pairs += [(f"rank{rank}.{name}", tensor, theirs["buffers"][name]) for name, tensor in mine["buffers"].items()]
+        pairs.append((f"rank{rank}.rng", mine["rng"]["torch"], theirs["rng"]["torch"]))
+    return [name for name, x, y in pairs if not torch.equal(x, y)]
+
+
+def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_path):
+    """Each rank restores its own random states and (on CPU, where BatchNorm is per process) statistics: before, rank
+    1 took rank 0's, and 191 of 227 model tensors ended different."""
+    exact = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0"]
+    train(tiny_voc, tmp_path, 2, *exact, "run_name=straight")
+    latest = os.path.join(tmp_path, "pascal", "tiny", "killed", "latest.pth")
+    command = train_command(tiny_voc, tmp_path, 2, *exact, "run_name=killed")
+    run_until_killed(command, latest, past_iteration=0)
+    assert 1 <= checkpoint_iteration(latest) < 4
+    resumed = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+
+    straight = torch.load(os.path.join(tmp_path, "pascal", "tiny", "straight", "latest.pth"), weights_only=True)
+    killed = torch.load(latest, weights_only=True)
+    assert killed["iteration"] == straight["iteration"] == 4
+    assert len(straight["processes"]) == 2
+    assert not torch.equal(straight["processes"][0]["rng"]["torch"], straight["processes"][1]["rng"]["torch"])
+    assert differing_tensors(straight, killed) == []
     assert straight["best_miou"] == killed["best_miou"]
 
 
@@ -116,10 +160,164 @@ def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc
     train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=base")
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "base")
     config_before = open(os.path.join(run_dir, "config.yaml")).read()
-    refused = train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=base", "backbone=tv_resnet34", check=False)
-    assert refused.returncode == 2
-    assert "refusing to resume: 'backbone' was 'tv_resnet18', now 'tv_resnet34'" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    # Before: another optimizer was a KeyError traceback, another rate or method switch a warning.
+    for overrides, refusal in [
+            (["backbone=tv_resnet34"], "'backbone' was 'tv_resnet18', now 'tv_resnet34'"),
+            (["optimizer=adamw"], "'optimizer' was 'sgd', now 'adamw'"),
+            (["lr=0.002", "isvc=false", "loss_weights.strong=0.5"],
+             "'lr' was 0.001, now 0.002, 'isvc' was True, now False, 'loss_weights.strong' was 0.25, now 0.5")]:
+        refused = train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=base", *overrides, check=False)
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"error: {run_dir}/latest.pth: refusing to resume: {refusal}; that is another experiment, so give it "
+            "another run_name (or undo the change)")
+        assert "Traceback" not in refused.stderr
     assert open(os.path.join(run_dir, "config.yaml")).read() == config_before
     accepted = train(tiny_voc, tmp_path, 0, "epochs=2", "run_name=base", "log_interval=5")
     assert "changed settings: epochs 1 -> 2, log_interval 1 -> 5" in accepted.stdout + accepted.stderr
+
+
+def test_resume_on_another_number_of_processes_is_refused(tiny_voc, tmp_path):
+    train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=one")
+    refused = train(tiny_voc, tmp_path, 2, "epochs=2", "run_name=one", check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/pascal/tiny/one/latest.pth: refusing to resume: it was trained by 1 process(es), now 2; "
+        "rerun it with NGPUS 1 (the batch is per process)"]
+
+
+def last_line(stderr):
+    """The last line of a run's stderr, after tqdm's progress bars; there must be no traceback before it."""
+    assert "Traceback" not in stderr
+    return stderr.strip().splitlines()[-1]
+
+
+def train_args(tiny_voc, exp_dir, *overrides):
+    data_root, splits_dir = tiny_voc
+    return ["--config", os.path.join(REPO, "configs", "pascal.yaml"), "--cpu", "split=tiny", "backbone=tv_resnet18",
+            "pretrained=null", "crop_size=32", "batch_size=2", "workers=0", "iters_per_epoch=2", "epochs=1",
+            "amp=false", "image_log_interval=0", "cif_channels=8", "cif_gate_channels=8", "checkpoint_interval=1",
+            f"data_root={data_root}", f"splits_dir={splits_dir}", f"exp_dir={exp_dir}", "run_name=nan", *overrides]
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(tiny_voc, tmp_path, monkeypatch):
+    """Step 2's images hold inf, so its forward passes would make the running statistics NaN; skipped, the step must
+    leave them as they were (before, they stayed NaN and the run still ended 'done')."""
+    real = scalematch.semi_supervised_losses
+    before_step_2, calls = {}, []
+
+    def inf_images_at_step_2(model, labeled, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            before_step_2.update({name: value.clone() for name, value in model.state_dict().items()
+                                  if "running" in name or "num_batches" in name})
+            labeled = {**labeled, "image": labeled["image"] * float("inf")}
+        return real(model, labeled, *args, **kwargs)
+
+    latest = os.path.join(tmp_path, "pascal", "tiny", "nan", "latest.pth")
+    monkeypatch.setattr(scalematch, "semi_supervised_losses", inf_images_at_step_2)
+    scalematch.main(train_args(tiny_voc, tmp_path, "on_nonfinite_loss=skip"))
+    state = torch.load(latest, weights_only=True)
+    assert state["skipped_steps"] == 1 and state["iteration"] == 2
+    assert before_step_2 and all(torch.equal(state["model"][name], value) for name, value in before_step_2.items())
+
+
+def test_a_model_gone_non_finite_stops_before_it_is_evaluated_or_saved(tiny_voc, tmp_path, monkeypatch, capsys):
+    """A finite loss does not make a finite model: a run whose weights or statistics hold NaN must not end 'done'."""
+    real = scalematch.semi_supervised_losses
+    calls = []
+
+    def poisoned_statistics_at_step_2(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            model.segmenter.aspp.project[1].running_mean.fill_(float("nan"))
+        return real(model, *args, **kwargs)
+
+    latest = os.path.join(tmp_path, "pascal", "tiny", "nan", "latest.pth")
+    monkeypatch.setattr(scalematch, "semi_supervised_losses", poisoned_statistics_at_step_2)
+    assert scalematch.exit_code(train_args(tiny_voc, tmp_path, "on_nonfinite_loss=skip")) == 3
+    assert last_line(capsys.readouterr().err) == (
+        "error: iteration 2: the model holds NaN/inf (segmenter.aspp.project.1.running_mean); the last checkpoint is "
+        "left as it was")
+    assert checkpoint_iteration(latest) == 1
+
+
+def test_a_kill_between_the_best_and_latest_writes_loses_no_best(tiny_voc, tmp_path, monkeypatch):
+    """The epoch end writes best.pth, then latest.pth: killed between the two, the rerun keeps that best (before,
+    latest.pth came first, recorded a best mIoU, and best.pth was never written)."""
+    real_save = scalematch.save_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_the_first_epoch_end_write(state, path):
+        real_save(state, path)
+        if state["miou"] is not None:
+            raise Killed
+
+    run_dir = os.path.join(tmp_path, "pascal", "tiny", "nan")
+    monkeypatch.setattr(scalematch, "save_checkpoint", killed_after_the_first_epoch_end_write)
+    with pytest.raises(Killed):
+        scalematch.main(train_args(tiny_voc, tmp_path))
+    monkeypatch.undo()
+    best = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
+    assert best["miou"] > 0 and best["best_miou"] == best["miou"]
+    assert checkpoint_iteration(os.path.join(run_dir, "latest.pth")) == 1
+
+    scalematch.main(train_args(tiny_voc, tmp_path))
+    log = open(os.path.join(run_dir, "train.log")).read()
+    assert f"best mIoU so far {best['miou']:.2f}" in log
+    latest = torch.load(os.path.join(run_dir, "latest.pth"), weights_only=True)
+    final_best = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
+    assert latest["best_miou"] == final_best["miou"] >= best["miou"]
+    assert log.rstrip().endswith(f"done: best mIoU {final_best['miou']:.2f}, checkpoints in {run_dir}")
+
+
+def test_best_miou_comes_from_the_best_checkpoint_that_exists(tiny_voc, tmp_path):
+    run_dir = os.path.join(tmp_path, "pascal", "tiny", "nan")
+    scalematch.main(train_args(tiny_voc, tmp_path))
+    os.remove(os.path.join(run_dir, "best.pth"))
+    scalematch.main(train_args(tiny_voc, tmp_path, "epochs=2"))
+    log = open(os.path.join(run_dir, "train.log")).read()
+    assert f"but {run_dir}/best.pth does not exist: the best so far is taken from it" in log
+    assert "best mIoU so far 0.00" in log
+    assert os.path.exists(os.path.join(run_dir, "best.pth"))
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_the_checkpoint(tiny_voc, tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+    saves = []
+
+    def full_from_the_third_save(obj, file):
+        saves.append(file)
+        if len(saves) > 2:  # latest.pth at iteration 1, best.pth at the epoch end, then latest.pth
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, file)
+
+    monkeypatch.setattr(torch, "save", full_from_the_third_save)
+    assert scalematch.exit_code(train_args(tiny_voc, tmp_path)) == 2
+    latest = os.path.join(tmp_path, "pascal", "tiny", "nan", "latest.pth")
+    assert last_line(capsys.readouterr().err) == (f"error: {latest}: cannot write it (No space left on device); the "
+                                                  "previous one is left as it was")
+    assert checkpoint_iteration(latest) == 1
+    assert sorted(name for name in os.listdir(os.path.dirname(latest)) if name.endswith((".pth", ".tmp"))) == [
+        "best.pth", "latest.pth"]
+
+
+def test_a_read_only_run_directory_stops_in_one_line(tiny_voc, tmp_path, monkeypatch, capsys):
+    scalematch.main(train_args(tiny_voc, tmp_path))
+    run_dir = os.path.join(tmp_path, "pascal", "tiny", "nan")
+    before = open(os.path.join(run_dir, "latest.pth"), "rb").read()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(run_dir) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert scalematch.exit_code(train_args(tiny_voc, tmp_path, "epochs=2")) == 2
+    monkeypatch.undo()
+    assert last_line(capsys.readouterr().err) == (f"error: {run_dir}/run.lock: cannot create the run directory or its "
+                                                  "lock (Read-only file system)")
+    assert open(os.path.join(run_dir, "latest.pth"), "rb").read() == before

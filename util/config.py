@@ -386,11 +386,18 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] | None = ()) -
     and validate; return a plain dict. Every problem is a one-line ConfigError naming its source and key."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{source}: no such config file") from None
     except OSError as error:
         raise ConfigError(f"{source}: cannot read config ({error.strerror})") from None
+    try:
+        # utf-8-sig: editors on Windows may open the file with a byte-order mark.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{source}: line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the config "
+                          "as UTF-8") from None
     try:
         raw = yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as error:

@@ -8,6 +8,24 @@ import sys
 LOGGER_NAME = "scalematch"
 
 
+class RunLogFile(logging.FileHandler):
+    """run_dir/train.log. A write that fails (a full disk) is told once on stderr, in one line, and the log goes on
+    on the console, instead of a traceback for every record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            error = sys.exc_info()[1]
+            print(f"warning: {self.baseFilename}: cannot write the log ({getattr(error, 'strerror', None) or error}); "
+                  "it goes on on the console only", file=sys.stderr)
+        self.failed = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+
 def setup_logger(run_dir: str | os.PathLike | None, rank: int) -> logging.Logger:
     """Configure and return the 'scalematch' logger; calling it again replaces the handlers it set before.
 
@@ -26,7 +44,7 @@ def setup_logger(run_dir: str | os.PathLike | None, rank: int) -> logging.Logger
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if rank == 0 and run_dir is not None:
         os.makedirs(run_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log"), mode="a"))
+        handlers.append(RunLogFile(os.path.join(run_dir, "train.log"), mode="a"))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

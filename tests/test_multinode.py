@@ -1,0 +1,172 @@
+"""Training across nodes with torchrun: the rendezvous variables scripts/train.sh passes on, and two CPU "nodes" on
+127.0.0.1 that train, are pre-empted, resume and evaluate like one node with the same number of processes."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, command_env, run, train, train_command
+from test_fault_tolerance import checkpoint_iteration, differing_tensors
+from util.dist import LaunchError, rendezvous_args
+
+EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0", "log_interval=1"]
+
+
+def test_one_node_is_standalone():
+    assert rendezvous_args({}) == (["--standalone"], None)
+    assert rendezvous_args({"NNODES": "1"}) == (["--standalone"], None)
+
+
+def test_static_rendezvous_from_the_usual_variables():
+    args, line = rendezvous_args({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "host0", "MASTER_PORT": "29400"})
+    assert args == ["--nnodes=2", "--node-rank=1", "--master-addr=host0", "--master-port=29400"]
+    assert line == "node 1 of 2: meeting at host0:29400"
+    args, _ = rendezvous_args({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "host0"})
+    assert args[-1] == "--master-port=29500"
+
+
+def test_c10d_rendezvous_from_an_endpoint():
+    args, line = rendezvous_args({"NNODES": "4", "RDZV_ENDPOINT": "host0:29400", "RDZV_ID": "job7"})
+    assert args == ["--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=host0:29400", "--rdzv-id=job7"]
+    assert line == "4 node(s): meeting at host0:29400 (c10d rendezvous, id job7)"
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"NNODES": "2"}, "NNODES=2 needs MASTER_ADDR (the address of the node with NODE_RANK=0) or RDZV_ENDPOINT"),
+    ({"NNODES": "2", "MASTER_ADDR": "host0"}, "NODE_RANK is not set"),
+    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "host0"}, "NODE_RANK=2 must be below NNODES=2"),
+    ({"NNODES": "two"}, "NNODES='two' must be a whole number of at least 1"),
+    ({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "host0", "MASTER_PORT": "0"},
+     "MASTER_PORT='0' must be a whole number of at least 1"),
+    ({"NNODES": "2", "RDZV_ENDPOINT": "host0"}, "RDZV_ENDPOINT='host0' must be HOST:PORT")])
+def test_a_multi_node_setting_that_cannot_work_is_one_line(environ, message):
+    with pytest.raises(LaunchError) as caught:
+        rendezvous_args(environ)
+    assert str(caught.value) == message
+
+
+def test_train_sh_refuses_a_node_without_its_master_in_one_line(tiny_voc, tmp_path):
+    command = train_command(tiny_voc, tmp_path, 1, "run_name=nowhere")
+    result = subprocess.run(command, cwd=REPO, env={**command_env(), "NNODES": "2"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: NNODES=2 needs MASTER_ADDR (the address of the node with NODE_RANK=0) or RDZV_ENDPOINT"]
+    assert not os.path.exists(tmp_path / "pascal")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_nodes(command, port):
+    """Each "node" is one train.sh launch of one process, as on two machines that share exp_dir."""
+    return [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**command_env(), "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": str(port)})
+            for node in (0, 1)]
+
+
+def finish(nodes):
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    return [node.returncode for node in nodes], outputs
+
+
+def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_two_processes(tiny_voc, tmp_path):
+    train(tiny_voc, tmp_path, 2, *EXACT, "run_name=one_node")
+    run_dir = tmp_path / "pascal" / "tiny" / "two_nodes"
+    latest = run_dir / "latest.pth"
+    command = train_command(tiny_voc, tmp_path, 1, *EXACT, "run_name=two_nodes")
+
+    # Pre-emption: SIGTERM reaches both nodes (as a scheduler sends it), rank 0 checkpoints, both exit 143.
+    nodes = start_nodes(command, free_port())
+    deadline = time.time() + 300
+    while checkpoint_iteration(latest) < 1:
+        assert all(node.poll() is None for node in nodes) and time.time() < deadline
+        time.sleep(0.05)
+    for node in nodes:
+        node.send_signal(signal.SIGTERM)
+    codes, outputs = finish(nodes)
+    assert codes == [143, 143], outputs
+    assert "node 0 of 2: meeting at 127.0.0.1" in outputs[0][1] and "node 1 of 2" in outputs[1][1]
+    stopped_at = checkpoint_iteration(latest)
+    assert 1 <= stopped_at < 4
+    assert f"checkpoint written at iteration {stopped_at}" in outputs[0][1]
+
+    codes, outputs = finish(start_nodes(command, free_port()))
+    assert codes == [0, 0], outputs
+    log = (run_dir / "train.log").read_text()
+    assert "2 process(es) on cpu" in log and f"resumed from {latest}" in log
+    # Global rank 0 alone writes: node 1's console has no run log lines, the run directory one set of files.
+    assert "resumed from" in outputs[0][0] and "resumed from" not in outputs[1][0]
+    kinds = {re.sub(r"^events\.out\.tfevents\..*", "events", name) for name in os.listdir(run_dir)}
+    assert kinds == {"best.pth", "latest.pth", "config.yaml", "train.log", "run.lock", "events"}
+    assert len([name for name in os.listdir(run_dir) if name.startswith("events")]) == 2  # one per launch
+
+    one_node = torch.load(tmp_path / "pascal" / "tiny" / "one_node" / "latest.pth", weights_only=True)
+    two_nodes = torch.load(latest, weights_only=True)
+    assert two_nodes["iteration"] == one_node["iteration"] == 4
+    assert differing_tensors(one_node, two_nodes) == []
+    assert two_nodes["best_miou"] == one_node["best_miou"]
+
+    # eval.py across the two nodes counts every validation image once: the table one process prints.
+    evaluate = [sys.executable, "-m", "util.dist", "1", "eval.py", "--checkpoint", str(latest), "--cpu"]
+    codes, outputs = finish(start_nodes(evaluate, free_port()))
+    assert codes == [0, 0], outputs
+    alone = run([sys.executable, "eval.py", "--checkpoint", str(latest), "--cpu"])
+    table = alone.stdout[alone.stdout.index("class"):]
+    assert outputs[0][0].endswith(table) and "mIoU" not in outputs[1][0]
+
+
+def test_a_node_that_cannot_see_the_run_directory_is_refused(tiny_voc, tmp_path):
+    """exp_dir must be shared: here node 1's exp_dir is another folder, as on a node-local disk."""
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    train(tiny_voc, shared, 2, "epochs=1", "run_name=split_brain")
+    port = free_port()
+    nodes = []
+    for node, exp_dir in ((0, shared), (1, local)):
+        command = train_command(tiny_voc, exp_dir, 1, "epochs=2", "run_name=split_brain")
+        nodes.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**command_env(), "NNODES": "2", "NODE_RANK": str(node),
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}))
+    codes, outputs = finish(nodes)
+    assert codes == [2, 2], outputs
+    for exp_dir, (_, stderr) in zip((shared, local), outputs):
+        assert stderr.strip().splitlines()[-1] == (
+            f"error: {exp_dir}/pascal/tiny/split_brain/latest.pth: rank 0 resumes from it, but a process on another "
+            "node cannot see it; exp_dir must be on a filesystem that every node shares")
+        assert "Traceback" not in stderr
+
+
+def test_the_slurm_script_starts_one_node_per_task(tiny_voc, tmp_path):
+    """scripts/slurm_train.sh under stand-ins for srun (one task per node, here two on this machine) and scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2 $3" = "show hostnames fake[0-1]" ] || exit 9\n'
+                                      'printf "127.0.0.1\\nfake1\\n"\n')
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
+                                  'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do\n'
+                                  '    SLURM_NODEID=$node "$@" & pids+=($!)\ndone\n'
+                                  'status=0; for pid in "${pids[@]}"; do wait "$pid" || status=$?; done\n'
+                                  'exit $status\n')
+    for name in ("scontrol", "srun"):
+        (bin_dir / name).chmod(0o755)
+    # From another directory: sbatch runs a copy of the script, which finds the repository by SLURM_SUBMIT_DIR.
+    arguments = train_command(tiny_voc, tmp_path, 1, "epochs=1", "iters_per_epoch=1", "run_name=slurm")[2:]
+    command = ["bash", os.path.join(REPO, "scripts", "slurm_train.sh"), *arguments]
+    env = {**command_env(), "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": REPO,
+           "MASTER_PORT": str(free_port())}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "node 0 of 2: meeting at 127.0.0.1" in result.stderr and "node 1 of 2" in result.stderr
+    state = torch.load(tmp_path / "pascal" / "tiny" / "slurm" / "latest.pth", weights_only=True)
+    assert len(state["processes"]) == 2 and state["iteration"] == 1

@@ -1,0 +1,296 @@
+"""Runs that cannot mix and fail in one line: run names, the run lock, stale temporaries, torchrun's launcher
+(SIGTERM, SIGKILL, failures printed once), the supervised baseline under DDP and a batch of one image."""
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
+
+import scalematch
+from conftest import REPO, command_env, train, train_command, write_voc_tree
+from test_fault_tolerance import checkpoint_iteration, child_pids
+from util.logging import setup_logger
+
+
+def config(**changes):
+    cfg = {"dataset": "pascal", "split": "1_16", "exp_dir": "exp", "run_name": None, "seed": 0, "lr": 0.001,
+           "workers": 4, "log_interval": 20, "loss_weights": {"strong": 0.25}}
+    return {**cfg, **changes}
+
+
+def test_runs_differing_past_a_long_command_line_get_their_own_directories():
+    """Before, the name was the overrides cut to 120 characters: runs differing only in a later key (here seed)
+    shared one directory and the second 'resumed' the first."""
+    long = [f"data_root=/data/{'x' * 60}", f"splits_dir=/splits/{'y' * 60}", "lr=0.001"]
+    first = scalematch.run_directory(config(seed=0), long + ["seed=0"])
+    second = scalematch.run_directory(config(seed=1), long + ["seed=1"])
+    assert first != second
+    assert first == scalematch.run_directory(config(seed=0), long + ["seed=0"])
+    assert os.path.basename(first).startswith("data_root=_data_xxx")
+
+
+def test_the_run_name_hashes_the_resolved_experiment_not_the_command():
+    default = scalematch.run_directory(config(), [])
+    assert os.path.basename(default).startswith("default-")
+    # A changed config file or nested key is another experiment, though the command line is the same.
+    assert scalematch.run_directory(config(lr=0.002), []) != default
+    assert scalematch.run_directory(config(loss_weights={"strong": 0.5}), []) != default
+    # Settings that only watch the run find the same one.
+    assert scalematch.run_directory(config(workers=0, log_interval=1), ["workers=0", "log_interval=1"]) == default
+    assert scalematch.run_directory(config(run_name="mine"), []) == os.path.join("exp", "pascal", "1_16", "mine")
+
+
+def test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over(tiny_voc, tmp_path):
+    """Before, two launches of one command both trained, overwriting each other's checkpoints and train.log."""
+    run_dir = os.path.join(tmp_path, "pascal", "tiny", "locked")
+    latest = os.path.join(run_dir, "latest.pth")
+    command = train_command(tiny_voc, tmp_path, 0, "epochs=50", "image_log_interval=0", "run_name=locked")
+    first = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while checkpoint_iteration(latest) < 1:
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        log_before = open(os.path.join(run_dir, "train.log")).read()
+        second = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"error: {run_dir} is in use by process {first.pid} on {socket.gethostname()} (see its run.lock): wait "
+            "for that run to end, or give this one another run_name"]
+        assert open(os.path.join(run_dir, "train.log")).read().startswith(log_before)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # A save killed mid-write leaves its temporary behind; the next start removes it.
+    stale = os.path.join(run_dir, f".latest.pth.{first.pid}.tmp")
+    open(stale, "wb").write(b"x" * 1000)
+    rerun = train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=locked")
+    log = open(os.path.join(run_dir, "train.log")).read()
+    owner = f"process {first.pid} on {socket.gethostname()}"
+    assert f"took over {run_dir}/run.lock from {owner}, which no longer runs" in log
+    assert f"removed .latest.pth.{first.pid}.tmp, left by a save that was killed" in log
+    assert not os.path.exists(stale) and rerun.returncode == 0
+
+
+def two_process_run(tiny_voc, exp_dir, *overrides):
+    command = train_command(tiny_voc, exp_dir, 2, "epochs=50", "checkpoint_interval=0", "image_log_interval=0",
+                            "run_name=ddp", *overrides)
+    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    latest = os.path.join(exp_dir, "pascal", "tiny", "ddp", "latest.pth")
+    deadline = time.time() + 300
+    while checkpoint_iteration(latest) < 2:  # the first epoch ended: training is under way
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    return process, latest
+
+
+@pytest.mark.parametrize("receivers", ["launcher", "workers"])
+def test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line(tiny_voc, tmp_path, receivers):
+    """Before: exit 1 and a SignalException traceback. The agent signals each worker's process group, data loader
+    workers included: they must leave the stop to their process (before, they died and failed its step). A
+    scheduler may signal the workers themselves instead of the launcher."""
+    process, latest = two_process_run(tiny_voc, tmp_path, "workers=1")
+    for pid in [process.pid] if receivers == "launcher" else child_pids(process.pid):
+        os.kill(pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("SIGTERM: checkpoint written at iteration ") and stderr.count("checkpoint written") == 1
+    assert checkpoint_iteration(latest) == int(last.split("iteration ")[1].split(";")[0]) > 2
+
+
+def test_a_killed_torchrun_launcher_leaves_no_worker_training(tiny_voc, tmp_path):
+    """torchrun starts its workers in sessions of their own: before, a SIGKILL of the launcher left them training
+    and writing. Now they notice, checkpoint and stop."""
+    process, latest = two_process_run(tiny_voc, tmp_path)
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    process.kill()
+    _, stderr = process.communicate(timeout=120)  # the workers hold the pipes until they end
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("the torchrun launcher ended: checkpoint written at iteration ")
+    assert checkpoint_iteration(latest) == int(last.split("iteration ")[1].split(";")[0])
+
+
+def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(tiny_voc, tmp_path):
+    """Before: a KeyboardInterrupt traceback."""
+    latest = os.path.join(tmp_path, "pascal", "tiny", "interrupted", "latest.pth")
+    command = train_command(tiny_voc, tmp_path, 0, "epochs=50", "checkpoint_interval=1", "image_log_interval=0",
+                            "run_name=interrupted")
+    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while checkpoint_iteration(latest) < 1:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("interrupted: the last checkpoint is left as it was; rerun the same "
+                                               "command to resume")
+    assert checkpoint_iteration(latest) >= 1
+    assert not [name for name in os.listdir(os.path.dirname(latest)) if name.endswith(".tmp")]
+
+
+def test_a_start_up_error_under_torchrun_is_printed_once(tiny_voc, tmp_path):
+    """Before: once per process, then torchrun's ChildFailedError traceback and table."""
+    result = train(tiny_voc, tmp_path, 2, "lrr=0.1", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: command line: unknown key 'lrr' (did you mean 'lr'?)"]
+
+
+@pytest.fixture
+def voc_with_a_broken_image(tmp_path):
+    """tiny_voc's layout with one labeled image that cannot be decoded: a failure of whichever process reads it."""
+    root, splits = tmp_path / "VOC", tmp_path / "splits"
+    names = [f"img_{i:03d}" for i in range(12)]
+    write_voc_tree(str(root), names)
+    (root / "JPEGImages" / "img_001.jpg").write_bytes(b"not a jpeg")
+    line = "JPEGImages/{0}.jpg SegmentationClass/{0}.png\n".format
+    (splits / "pascal" / "tiny").mkdir(parents=True)
+    (splits / "pascal" / "tiny" / "labeled.txt").write_text("".join(line(n) for n in names[:4]))
+    (splits / "pascal" / "tiny" / "unlabeled.txt").write_text("".join(line(n) for n in names[4:]))
+    (splits / "pascal" / "val.txt").write_text("".join(line(n) for n in names[8:]))
+    return str(root), str(splits)
+
+
+def test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks(voc_with_a_broken_image, tmp_path):
+    """The other process's collective fails when the first ends; the launcher prints the cause, not that."""
+    result = train(voc_with_a_broken_image, tmp_path / "exp", 2, "epochs=1", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    broken = os.path.join(voc_with_a_broken_image[0], "JPEGImages", "img_001.jpg")
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot read image {broken}: not an image PIL can read"
+
+
+def test_supervised_only_trains_under_torchrun_without_a_cif(tiny_voc, tmp_path):
+    """Before: the CIF was built but unused, and DDP refused the second iteration."""
+    result = train(tiny_voc, tmp_path, 2, "epochs=2", "train_mode=supervised", "run_name=supervised")
+    run_dir = os.path.join(tmp_path, "pascal", "tiny", "supervised")
+    state = torch.load(os.path.join(run_dir, "latest.pth"), weights_only=True)
+    assert state["iteration"] == 4 and result.returncode == 0
+    assert not any(name.startswith("cif.") for name in state["model"])
+    assert state["config"]["cif"] is False and state["config"]["fusion"] == "none"
+    assert "cif: false, since with train_mode supervised nothing would train it" in open(
+        os.path.join(run_dir, "train.log")).read()
+
+
+def test_without_a_rescaled_view_the_cif_is_left_out():
+    cfg = {"train_mode": "semi", "cif": True, "isvc": False, "fusion": "none"}
+    assert scalematch.without_idle_cif(cfg) == ({**cfg, "cif": False}, "cif: false, since with isvc off and fusion "
+                                                "none (no rescaled view) nothing would train it")
+    trained = {"train_mode": "semi", "cif": True, "isvc": False, "fusion": "cif"}
+    assert scalematch.without_idle_cif(trained) == (trained, None)
+
+
+@pytest.mark.parametrize("overrides", [["train_mode=supervised"], ["strong_views=1"]])
+def test_a_batch_of_one_image_per_pass_is_refused_at_start_up(tiny_voc, tmp_path, overrides):
+    """Before: a raw BatchNorm ValueError at the first step (ASPP's image pooling sees one value per channel)."""
+    result = train(tiny_voc, tmp_path, 0, "batch_size=1", *overrides, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: batch_size 1 on one process: a training pass would hold one image, and BatchNorm (ASPP's image "
+        "pooling) needs two; set batch_size=2 (as many images per BatchNorm as the release's 1 x 2 GPUs) or train "
+        "on 2 or more GPUs"]
+    assert not os.path.exists(os.path.join(tmp_path, "pascal"))
+
+
+def test_a_batch_of_one_trains_where_every_pass_holds_two_images(tiny_voc, tmp_path):
+    """Two strong views make the strong pass two images, and labeled plus unlabeled make the main pass two."""
+    train(tiny_voc, tmp_path, 0, "batch_size=1", "strong_views=2", "epochs=1", "iters_per_epoch=1",
+          "run_name=one_image")
+    state = torch.load(os.path.join(tmp_path, "pascal", "tiny", "one_image", "latest.pth"), weights_only=True)
+    assert state["iteration"] == 1
+
+
+def test_batch_size_one_is_accepted_where_syncbatchnorm_pools_the_gpus():
+    cfg = {"batch_size": 1, "strong_views": 1, "train_mode": "semi"}
+    scalematch.check_batch_size(cfg, 2, torch.device("cuda", 0))
+    with pytest.raises(scalematch.ConfigError, match="^batch_size 1 on 2 CPU processes, whose BatchNorm is not "):
+        scalematch.check_batch_size(cfg, 2, torch.device("cpu"))
+
+
+def test_a_full_disk_under_train_log_is_one_warning_and_the_console_log_goes_on(tmp_path, capsys):
+    """Before: logging printed a traceback for every record it could not write."""
+    logger = setup_logger(tmp_path, 0)
+    logger.info("first")
+    log_file = next(handler for handler in logger.handlers if isinstance(handler, logging.FileHandler))
+
+    def full(text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    log_file.stream.write = full
+    logger.info("second")
+    logger.info("third")
+    captured = capsys.readouterr()
+    assert captured.err == (f"warning: {tmp_path / 'train.log'}: cannot write the log (No space left on device); it "
+                            "goes on on the console only\n")
+    assert captured.out.count("INFO ") == 3
+    assert (tmp_path / "train.log").read_text().endswith("INFO first\n")
+    setup_logger(None, 0)
+
+
+def test_a_full_disk_under_the_tensorboard_events_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """Before: TensorBoard's writer thread printed its OSError as a traceback, and the next write ended the run
+    in another one, without a path."""
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    events = scalematch.RunEvents(str(tmp_path))
+    events.add_scalar("train/loss", 2.0, 0)
+    events.writer.flush()
+    monkeypatch.setattr(LocalFileSystem, "_write", full)
+    events.add_scalar("train/loss", 1.0, 1)
+    deadline = time.time() + 30
+    while not events.failed:  # the writer thread fails, on its own
+        assert time.time() < deadline
+        time.sleep(0.05)
+    events.add_scalar("train/loss", 0.5, 2)
+    events.add_scalar("train/loss", 0.5, 2)
+    events.close()
+    assert capsys.readouterr().err == (f"warning: {tmp_path}: cannot write the TensorBoard events (No space left on "
+                                       "device); the run goes on without them\n")
+    # A disk already full when the run starts: SummaryWriter writes its first record at once.
+    starting = scalematch.RunEvents(str(tmp_path / "later"))
+    starting.add_scalar("train/loss", 1.0, 1)
+    starting.close()
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 'later'}: cannot write the TensorBoard events (No space "
+                                       "left on device); the run goes on without them\n")
+
+
+def test_a_start_up_failure_leaves_no_run_directory_but_keeps_a_run_that_had_started(tiny_voc, tmp_path):
+    """Before: a run that could not start (here: a split file naming nothing) left exp/.../NAME with run.lock and
+    train.log, to be mistaken for a run."""
+    data_root, splits_dir = tiny_voc
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    failed = train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=broken", f"data_root={tmp_path / 'nowhere'}",
+                   check=False)
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert os.listdir(exp_dir) == []
+    train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=kept")
+    run_dir = exp_dir / "pascal" / "tiny" / "kept"
+    # The same run, now unable to start, keeps its checkpoints, log and directory.
+    train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=kept", f"data_root={tmp_path / 'nowhere'}", check=False)
+    assert {"latest.pth", "best.pth", "train.log", "config.yaml"} <= set(os.listdir(run_dir))
+
+
+def test_an_exp_dir_naming_a_file_is_one_line(tiny_voc, tmp_path):
+    """Before: a NotADirectoryError traceback."""
+    exp_file = tmp_path / "exp"
+    exp_file.write_text("not a folder")
+    result = train(tiny_voc, exp_file, 0, "epochs=1", "run_name=x", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {exp_file}/pascal: cannot create the run directory or its lock (Not a directory)"]
