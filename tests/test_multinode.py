@@ -19,22 +19,23 @@ EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_i
 
 
 def test_one_node_is_standalone():
-    assert rendezvous_args({}) == (["--standalone"], None)
-    assert rendezvous_args({"NNODES": "1"}) == (["--standalone"], None)
+    assert rendezvous_args({}) == (["--standalone"], None, None)
+    assert rendezvous_args({"NNODES": "1"}) == (["--standalone"], None, None)
 
 
 def test_static_rendezvous_from_the_usual_variables():
-    args, line = rendezvous_args({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "host0", "MASTER_PORT": "29400"})
+    args, endpoint, line = rendezvous_args({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "host0",
+                                            "MASTER_PORT": "29400"})
     assert args == ["--nnodes=2", "--node-rank=1", "--master-addr=host0", "--master-port=29400"]
-    assert line == "node 1 of 2: meeting at host0:29400"
-    args, _ = rendezvous_args({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "host0"})
+    assert endpoint == "host0:29400" and line == "node 1 of 2: meeting at host0:29400"
+    args, _, _ = rendezvous_args({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "host0"})
     assert args[-1] == "--master-port=29500"
 
 
 def test_c10d_rendezvous_from_an_endpoint():
-    args, line = rendezvous_args({"NNODES": "4", "RDZV_ENDPOINT": "host0:29400", "RDZV_ID": "job7"})
+    args, endpoint, line = rendezvous_args({"NNODES": "4", "RDZV_ENDPOINT": "host0:29400", "RDZV_ID": "job7"})
     assert args == ["--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=host0:29400", "--rdzv-id=job7"]
-    assert line == "4 node(s): meeting at host0:29400 (c10d rendezvous, id job7)"
+    assert endpoint == "host0:29400" and line == "4 node(s): meeting at host0:29400 (c10d rendezvous, id job7)"
 
 
 @pytest.mark.parametrize("environ, message", [
@@ -170,3 +171,18 @@ def test_the_slurm_script_starts_one_node_per_task(tiny_voc, tmp_path):
     assert "node 0 of 2: meeting at 127.0.0.1" in result.stderr and "node 1 of 2" in result.stderr
     state = torch.load(tmp_path / "pascal" / "tiny" / "slurm" / "latest.pth", weights_only=True)
     assert len(state["processes"]) == 2 and state["iteration"] == 1
+
+
+def test_a_rendezvous_port_in_use_is_one_line(tiny_voc, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(train_command(tiny_voc, tmp_path, 1, "run_name=port"), cwd=REPO, capture_output=True,
+                                text=True, timeout=300, env={**command_env(), "NNODES": "2", "NODE_RANK": "0",
+                                                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"node 0 of 2: meeting at 127.0.0.1:{port}, 1 process(es) here"
+    assert lines[1].startswith(f"error: the processes could not meet at 127.0.0.1:{port} (") and len(lines) == 2
+    assert "EADDRINUSE" in lines[1]

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -158,9 +159,14 @@ def _positive(environ: dict, name: str, default: str | None = None, minimum: int
     return int(text)
 
 
-def rendezvous_args(environ: dict) -> tuple[list[str], str | None]:
-    """torchrun's options for where this node meets the others, from the variables of `environ`, and a line saying
-    so (None on one node):
+class Rendezvous(NamedTuple):
+    args: list[str]  # torchrun's options
+    endpoint: str | None  # HOST:PORT where the nodes meet; None on one node
+    line: str | None  # what this node is and where it meets the others; None on one node
+
+
+def rendezvous_args(environ: dict) -> Rendezvous:
+    """torchrun's options for where this node meets the others, from the variables of `environ`:
 
     * nothing set (or NNODES=1 alone): one node, ``--standalone``;
     * NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (default 29500): a static rendezvous hosted by the node with
@@ -171,13 +177,14 @@ def rendezvous_args(environ: dict) -> tuple[list[str], str | None]:
     nnodes = _positive(environ, "NNODES", "1")
     endpoint, master = environ.get("RDZV_ENDPOINT"), environ.get("MASTER_ADDR")
     if nnodes == 1 and not endpoint and not master:
-        return ["--standalone"], None
+        return Rendezvous(["--standalone"], None, None)
     if endpoint:
         if ":" not in endpoint:
             raise LaunchError(f"RDZV_ENDPOINT={endpoint!r} must be HOST:PORT")
         rdzv_id = environ.get("RDZV_ID", "scalematch")
-        return ([f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}"],
-                f"{nnodes} node(s): meeting at {endpoint} (c10d rendezvous, id {rdzv_id})")
+        return Rendezvous([f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                           f"--rdzv-id={rdzv_id}"], endpoint,
+                          f"{nnodes} node(s): meeting at {endpoint} (c10d rendezvous, id {rdzv_id})")
     if not master:
         raise LaunchError(f"NNODES={nnodes} needs MASTER_ADDR (the address of the node with NODE_RANK=0) or "
                           "RDZV_ENDPOINT")
@@ -185,8 +192,9 @@ def rendezvous_args(environ: dict) -> tuple[list[str], str | None]:
     if node_rank >= nnodes:
         raise LaunchError(f"NODE_RANK={node_rank} must be below NNODES={nnodes}")
     port = _positive(environ, "MASTER_PORT", "29500")
-    return ([f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master}", f"--master-port={port}"],
-            f"node {node_rank} of {nnodes}: meeting at {master}:{port}")
+    return Rendezvous([f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master}",
+                       f"--master-port={port}"], f"{master}:{port}",
+                      f"node {node_rank} of {nnodes}: meeting at {master}:{port}")
 
 
 def launch(nproc: int, command: list[str]) -> int:
@@ -195,7 +203,7 @@ def launch(nproc: int, command: list[str]) -> int:
     its one line (2 for a bad multi-node setting), or 128 + the signal that stopped the launcher (the workers having
     received it too: SIGTERM makes them checkpoint first)."""
     try:
-        rendezvous, meeting = rendezvous_args(os.environ)
+        rendezvous = rendezvous_args(os.environ)
     except LaunchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -204,14 +212,15 @@ def launch(nproc: int, command: list[str]) -> int:
     level = os.environ.setdefault("LOGLEVEL", "CRITICAL")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
         logging.getLogger(name).setLevel(level)
-    args = get_args_parser().parse_args([*rendezvous, f"--nproc-per-node={nproc}", *command])
-    if meeting:
+    args = get_args_parser().parse_args([*rendezvous.args, f"--nproc-per-node={nproc}", *command])
+    if rendezvous.line:
         # torchrun's own logs are off: without this line a node waiting for the others would look hung.
-        print(f"{meeting}, {nproc} process(es) here", file=sys.stderr)
+        print(f"{rendezvous.line}, {nproc} process(es) here", file=sys.stderr)
     try:
         run(args)
     except ChildFailedError as failed:
@@ -223,6 +232,12 @@ def launch(nproc: int, command: list[str]) -> int:
         message, status = _root_cause(failed.failures)
         print(message, file=sys.stderr)
         return status
+    except (dist.DistError, RendezvousError) as failed:
+        # The nodes never met (a port in use, a master that does not answer): no worker ran.
+        reason = str(failed).strip().splitlines()[0] if str(failed).strip() else type(failed).__name__
+        print(f"error: the processes could not meet at {rendezvous.endpoint or 'this node'} ({reason})",
+              file=sys.stderr)
+        return 2
     except SignalException as stopped:
         # After SIGTERM, rank 0 has said where it checkpointed.
         if stopped.sigval != signal.SIGTERM:
