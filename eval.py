@@ -31,7 +31,7 @@ from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from model import build_model
 from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint, load_model_state
 from util.config import ConfigError, validate
-from util.dist import cleanup, init_distributed
+from util.dist import cleanup, init_distributed, report_failure
 from util.inference import center_crop, predict_probs, rescaled_predictor
 from util.metrics import MeanIoU, format_iou_table
 from util.visualize import overlay_figure, palette_image
@@ -381,5 +381,6 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DatasetError, CheckpointError, OutputError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Under torchrun the launcher prints it, once for all processes.
+        report_failure(f"error: {error}")
         sys.exit(2)

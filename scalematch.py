@@ -600,7 +600,7 @@ def main(argv=None) -> None:
         nonlocal lock, created
         created = directories_to_create(run_dir)
         lock, lock_note = lock_run_directory(run_dir)
-        return lock_note, remove_stale_temporaries(run_dir)
+        return lock_note, remove_stale_temporaries(run_dir, locked=lock is not None)
 
     try:
         lock_note, removed = on_main(claim_run_directory, is_main)

@@ -317,3 +317,12 @@ def test_temporaries_of_dead_writers_are_removed(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == [f".best.pth.{dead}.tmp", f".latest.pth.{dead}.tmp"]
     assert sorted(os.listdir(tmp_path)) == [f".best.pth.{os.getpid()}.tmp", "latest.pth", "notes.tmp"]
+
+
+def test_under_the_run_lock_every_temporary_is_stale(tmp_path):
+    """A temporary written on another node (after a job moved hosts) names a pid that may run here: the lock's owner
+    is the only writer, so under the lock none of them is live."""
+    (tmp_path / ".latest.pth.1.tmp").write_bytes(b"x")  # pid 1 runs on every host
+    assert remove_stale_temporaries(tmp_path) == []
+    assert remove_stale_temporaries(tmp_path, locked=True) == [".latest.pth.1.tmp"]
+    assert os.listdir(tmp_path) == []

@@ -228,13 +228,14 @@ def release_run_directory(descriptor: int | None) -> None:
     os.close(descriptor)
 
 
-def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[str]:
+def remove_stale_temporaries(run_dir: str | os.PathLike, locked: bool = False) -> list[str]:
     """Delete the temporary files that save_checkpoint leaves behind when it is killed mid-write (.NAME.PID.tmp)
-    whose writer no longer runs; return their names."""
+    and return their names. Holding the run's lock (`locked`), every one is stale, since only the lock's owner
+    saves; without it, those whose pid no longer runs on this host (a pid names no process on another node)."""
     removed = []
     for entry in sorted(os.scandir(run_dir), key=lambda entry: entry.name):
         match = TEMPORARY.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and not _process_alive(int(match["pid"])):
+        if match and entry.is_file(follow_symlinks=False) and (locked or not _process_alive(int(match["pid"]))):
             try:
                 os.unlink(entry.path)
             except OSError as error:

@@ -134,12 +134,14 @@ def _exit_status(exitcode: int) -> int:
 
 def _root_cause(failures: dict) -> tuple[str, int]:
     """The one line that explains a failed torchrun job, and its exit status: the earliest failure that a worker
-    reported itself, else the earliest one caused by another process, else how the first worker to end ended."""
-    reported = [(failure.error_file_data.get("caused_by_another_process", False), failure.error_file_data["time"],
-                 failure.error_file_data["message"], failure.exitcode) for failure in failures.values()
-                if "time" in failure.error_file_data]
+    reported itself, else the earliest one caused by another process, else how the first worker to end ended.
+    A worker that reported its failure and was then stopped by the launcher's SIGTERM before it could exit counts
+    after one that exited with its own code, which is the job's."""
+    reported = [(failure.error_file_data.get("caused_by_another_process", False), failure.exitcode < 0,
+                 failure.error_file_data["time"], failure.error_file_data["message"], failure.exitcode)
+                for failure in failures.values() if "time" in failure.error_file_data]
     if reported:
-        _, _, message, exitcode = min(reported)
+        *_, message, exitcode = min(reported)
         return message, _exit_status(exitcode)
     rank, failure = min(failures.items(), key=lambda item: item[1].timestamp)
     ending = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
