@@ -28,7 +28,9 @@ CSV columns, in this order (one row per finished run; numbers with 2 decimals, g
 The multiscale and gate columns are empty for runs without a trained CIF gate (cif: false, or train_mode:
 supervised, which never trains it); a pseudo-label column is empty when train.log has no such curve.
 
-Resuming: a run whose key the CSV holds is skipped (neither trained nor evaluated), and every row the CSV holds for
+Resuming: a run whose key the CSV holds when it is reached is skipped (neither trained nor evaluated; the CSV is
+read again before each run, so two study processes can share it: give them different runs, since two that start
+the same run at once meet its run lock and the second stops), and every row the CSV holds for
 the study must have the overrides and split this command would give its run, else the script stops (one name, one
 experiment). A run directory whose training finished (its study_minutes.txt marker) but which the CSV lacks is
 evaluated and appended without retraining. Rows are appended one at a time, each written and synced to disk before
@@ -244,11 +246,11 @@ def record_run(name: str, seed: int, args) -> dict[str, str]:
 
 
 def run_study(args) -> None:
-    recorded = read_rows(args.csv)
-    check_study_agrees(recorded, args)
-    keys = {(row["study"], row["run"], row["seed"]) for row in recorded}
+    check_study_agrees(read_rows(args.csv), args)
     for seed in args.seeds:
         for name in args.runs:
+            # Read before each run: another study process may have recorded it meanwhile.
+            keys = {(row["study"], row["run"], row["seed"]) for row in read_rows(args.csv)}
             if (args.study, name, str(seed)) in keys:
                 print(f"{name} seed {seed}: recorded in {args.csv}, skipped", flush=True)
                 continue

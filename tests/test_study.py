@@ -1,5 +1,6 @@
 """scripts/study.py records each finished run as one CSV row and builds its report from the CSV alone; no training
 here: where a test reaches the training step, its override (not_a_key=1) makes train.sh fail at once."""
+import argparse
 import importlib.util
 import os
 import sys
@@ -116,6 +117,25 @@ def test_a_recorded_run_is_not_trained_again(tmp_path):
                   "not_a_key=1"])
     assert "scalematch seed 0: recorded" in result.stdout
     assert csv_path.read_bytes() == before and not exp_dir.exists()
+
+
+def test_a_run_recorded_by_another_study_process_meanwhile_is_skipped(tmp_path, monkeypatch):
+    """Two study processes share one CSV: each checks it before every run, not only at its start."""
+    csv_path = tmp_path / "runs.csv"
+    trained = []
+
+    def record_run(name, seed, args):
+        trained.append(name)
+        if name == "fixmatch":  # while it trained, another process recorded the next run
+            study.append_row(str(csv_path), row("scalematch", 0, 35.0, overrides="epochs=2"))
+        recorded = row(name, seed, 30.0, overrides="epochs=2")
+        study.append_row(str(csv_path), recorded)
+        return recorded
+    monkeypatch.setattr(study, "record_run", record_run)
+    args = argparse.Namespace(csv=str(csv_path), study="s1", seeds=[0], runs=["fixmatch", "scalematch"],
+                              split="1_16", overrides=["epochs=2"])
+    study.run_study(args)
+    assert trained == ["fixmatch"]
 
 
 def test_a_name_recorded_with_other_overrides_is_refused(tmp_path):
