@@ -31,9 +31,10 @@ supervised, which never trains it); a pseudo-label column is empty when train.lo
 Resuming: a run whose key the CSV holds when it is reached is skipped (neither trained nor evaluated). The CSV is
 read again before each run, so two study processes can share it; give them different runs, since two that start the
 same run at once meet its run lock and the second stops. Every row the CSV holds for the study must have the
-overrides and split this command would give its run, else the script stops (one name, one experiment). A run directory whose training finished (its study_minutes.txt marker) but which the CSV lacks is
-evaluated and appended without retraining. Rows are appended one at a time, each written and synced to disk before
-the next run starts, so a crash mid-study leaves every earlier row intact.
+overrides and split this command would give its run, else the script stops (one name, one experiment). A run
+directory whose training finished (its study_minutes.txt marker) but which the CSV lacks is evaluated and appended
+without retraining. Rows are appended one at a time, each written and synced to disk before the next run starts, so
+a crash mid-study leaves every earlier row intact.
 """
 import argparse
 import csv
