@@ -44,10 +44,8 @@ def write_voc_tree(root, names, size=(40, 48), nclass=21, seed=0):
         png.save(os.path.join(root, "SegmentationClass", f"{name}.png"))
 
 
-@pytest.fixture(scope="session")
-def tiny_voc(tmp_path_factory):
-    """(data_root, splits_dir) of a 12-image Pascal-layout dataset with split 'tiny' and a val set."""
-    base = tmp_path_factory.mktemp("tiny_voc")
+def write_tiny_voc(base):
+    """(data_root, splits_dir) of a 12-image Pascal-layout dataset under `base` with split 'tiny' and a val set."""
     root, splits = base / "VOC", base / "splits"
     names = [f"img_{i:03d}" for i in range(12)]
     write_voc_tree(str(root), names)
@@ -57,6 +55,11 @@ def tiny_voc(tmp_path_factory):
     (splits / "pascal" / "tiny" / "unlabeled.txt").write_text("".join(line(n) for n in names[4:]))
     (splits / "pascal" / "val.txt").write_text("".join(line(n) for n in names[8:]))
     return str(root), str(splits)
+
+
+@pytest.fixture(scope="session")
+def tiny_voc(tmp_path_factory):
+    return write_tiny_voc(tmp_path_factory.mktemp("tiny_voc"))
 
 
 # A tiny CPU setting for end-to-end runs of scripts/train.sh.

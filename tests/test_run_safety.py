@@ -13,7 +13,7 @@ import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
 import scalematch
-from conftest import REPO, command_env, train, train_command, write_voc_tree
+from conftest import REPO, command_env, train, train_command, write_tiny_voc
 from test_fault_tolerance import checkpoint_iteration, child_pids
 from util.logging import setup_logger
 
@@ -153,16 +153,9 @@ def test_a_start_up_error_under_torchrun_is_printed_once(tiny_voc, tmp_path):
 @pytest.fixture
 def voc_with_a_broken_image(tmp_path):
     """tiny_voc's layout with one labeled image that cannot be decoded: a failure of whichever process reads it."""
-    root, splits = tmp_path / "VOC", tmp_path / "splits"
-    names = [f"img_{i:03d}" for i in range(12)]
-    write_voc_tree(str(root), names)
-    (root / "JPEGImages" / "img_001.jpg").write_bytes(b"not a jpeg")
-    line = "JPEGImages/{0}.jpg SegmentationClass/{0}.png\n".format
-    (splits / "pascal" / "tiny").mkdir(parents=True)
-    (splits / "pascal" / "tiny" / "labeled.txt").write_text("".join(line(n) for n in names[:4]))
-    (splits / "pascal" / "tiny" / "unlabeled.txt").write_text("".join(line(n) for n in names[4:]))
-    (splits / "pascal" / "val.txt").write_text("".join(line(n) for n in names[8:]))
-    return str(root), str(splits)
+    data_root, splits_dir = write_tiny_voc(tmp_path)
+    (tmp_path / "VOC" / "JPEGImages" / "img_001.jpg").write_bytes(b"not a jpeg")
+    return data_root, splits_dir
 
 
 def test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks(voc_with_a_broken_image, tmp_path):
