@@ -3,6 +3,12 @@ v prediction disagree and one of them is right, how often the gate leans to the 
 also the gate's mean and standard deviation over the valid pixels and the pixel accuracy of 1x, v and the fused
 prediction. 50 % there is a coin toss.
 
+Is the gate more than a per-scale constant? Two columns compare it with the constant gate of the same mean: the share
+of contested pixels on which that constant leans the right way (always to the side the mean favours), and the pixel
+accuracy of the fusion with that constant as the weight of 1x (a second pass over the validation set, since the mean
+is known only after the first). A constant weight fuses the same way whichever gate the model was trained with:
+mean * pred_1x + (1 - mean) * pred_v at the image size, the blend of both gates with their gate held constant.
+
     python scripts/cif_gate.py --checkpoint exp/synthetic/1_16/scalematch/latest.pth [--scales 0.5 2.0] [--cpu]
 
 Whole validation images, batch 1, as `eval.py` in `original` mode; prints one Markdown table.
@@ -21,7 +27,8 @@ from util.checkpoint import CheckpointError  # noqa: E402
 from util.config import ConfigError  # noqa: E402
 
 IGNORE_INDEX = 255
-COUNTS = ("pixels", "contested", "gate_right", "gate_sum", "gate_square_sum", "right_1x", "right_v", "right_fused")
+COUNTS = ("pixels", "contested", "gate_right", "contested_right_1x", "gate_sum", "gate_square_sum", "right_1x", "right_v",
+          "right_fused", "right_constant")
 
 
 def gate_counts(pred_1x: torch.Tensor, pred_v: torch.Tensor, pred_fused: torch.Tensor, gate: torch.Tensor,
@@ -33,11 +40,18 @@ def gate_counts(pred_1x: torch.Tensor, pred_v: torch.Tensor, pred_fused: torch.T
     contested = (pred_1x != pred_v) & (right_1x | right_v)
     leans_right = torch.where(gate > 0.5, right_1x, right_v)
     return {"pixels": float(valid.sum()), "contested": float(contested.sum()),
-            "gate_right": float((leans_right & contested).sum()), "gate_sum": float(gate[valid].sum()),
+            "gate_right": float((leans_right & contested).sum()),
+            "contested_right_1x": float((right_1x & contested).sum()), "gate_sum": float(gate[valid].sum()),
             # In float64: the variance is a difference of two sums over every validation pixel.
             "gate_square_sum": float(gate[valid].double().square().sum()),
             "right_1x": float(right_1x.sum()), "right_v": float(right_v.sum()),
             "right_fused": float(((pred_fused == mask) & valid).sum())}
+
+
+def constant_gate_right(logits_1x: torch.Tensor, logits_v: torch.Tensor, weight: float, mask: torch.Tensor) -> float:
+    """Pixels of one batch the fusion gets right when the gate is the constant ``weight`` of 1x everywhere."""
+    fused = (weight * logits_1x + (1 - weight) * logits_v).argmax(1)
+    return float(((fused == mask) & (mask != IGNORE_INDEX)).sum())
 
 
 def gate_figures(total: dict[str, float]) -> dict[str, float]:
@@ -46,9 +60,15 @@ def gate_figures(total: dict[str, float]) -> dict[str, float]:
     mean = total["gate_sum"] / pixels
     # Rounding can leave E[s^2] - E[s]^2 a hair below zero for a constant gate.
     variance = max(total["gate_square_sum"] / pixels - mean ** 2, 0.0)
+    contested = max(total["contested"], 1.0)
+    # A constant above 0.5 always leans to 1x, so it is right where 1x is; below 0.5 where v is.
+    constant_right = (total["contested_right_1x"] if mean > 0.5
+                      else total["contested"] - total["contested_right_1x"])
     return {"mean gate": mean, "gate std": math.sqrt(variance), "contested": total["contested"] / pixels,
-            "gate right": total["gate_right"] / max(total["contested"], 1.0), "accuracy 1x": total["right_1x"] / pixels,
-            "accuracy v": total["right_v"] / pixels, "accuracy fused": total["right_fused"] / pixels}
+            "gate right": total["gate_right"] / contested,
+            "constant right": constant_right / contested,
+            "accuracy 1x": total["right_1x"] / pixels, "accuracy v": total["right_v"] / pixels,
+            "accuracy fused": total["right_fused"] / pixels, "accuracy constant": total["right_constant"] / pixels}
 
 
 def gate_row(scale: float, total: dict[str, float]) -> str:
@@ -56,24 +76,35 @@ def gate_row(scale: float, total: dict[str, float]) -> str:
     figures = gate_figures(total)
     return (f"| {scale:g} | {figures['mean gate']:.4f} | {figures['gate std']:.4f} | {figures['contested']:.2%} | "
             f"{figures['gate right']:.2%} | {figures['accuracy 1x']:.2%} | {figures['accuracy v']:.2%} | "
-            f"{figures['accuracy fused']:.2%} |")
+            f"{figures['accuracy fused']:.2%} | {figures['constant right']:.2%} | {figures['accuracy constant']:.2%} |")
+
+
+def predictions(model, val_set, scales: list[float], device: torch.device):
+    """Each validation image's mask and the model's named predictions for it (one 1x pass shared by every scale)."""
+    with torch.no_grad():
+        for index in range(len(val_set)):
+            sample = val_set[index]
+            image = sample["image"][None].to(device)
+            yield sample["mask"][None].to(device), model(image, image_scales=tuple(scales))
 
 
 def gate_report(model, val_set, scales: list[float], device: torch.device) -> str:
     totals = {scale: dict.fromkeys(COUNTS, 0.0) for scale in scales}
-    with torch.no_grad():
-        for index in range(len(val_set)):
-            sample = val_set[index]
-            image, mask = sample["image"][None].to(device), sample["mask"][None].to(device)
-            out = model(image, image_scales=tuple(scales))  # one 1x pass shared by every scale
-            pred_1x = out["pred"].argmax(1)
-            for branch, scale in enumerate(scales):
-                counts = gate_counts(pred_1x, out["pred_scaled"][branch].argmax(1), out["pred_cif"][branch].argmax(1),
-                                     out["gate"][branch][:, 0], mask)
-                for key, value in counts.items():
-                    totals[scale][key] += value
+    for mask, out in predictions(model, val_set, scales, device):
+        pred_1x = out["pred"].argmax(1)
+        for branch, scale in enumerate(scales):
+            counts = gate_counts(pred_1x, out["pred_scaled"][branch].argmax(1), out["pred_cif"][branch].argmax(1),
+                                 out["gate"][branch][:, 0], mask)
+            for key, value in counts.items():
+                totals[scale][key] += value
+    means = {scale: gate_figures(total)["mean gate"] for scale, total in totals.items()}
+    for mask, out in predictions(model, val_set, scales, device):
+        for branch, scale in enumerate(scales):
+            totals[scale]["right_constant"] += constant_gate_right(out["pred"], out["pred_scaled"][branch],
+                                                                   means[scale], mask)
     rows = ["| v | mean gate | gate std | contested pixels | gate right where contested | accuracy 1x | accuracy v | "
-            "accuracy fused |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "accuracy fused | constant gate right where contested | accuracy fused, constant gate |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows += [gate_row(scale, total) for scale, total in totals.items()]
     return "\n".join(rows)
 
