@@ -27,8 +27,8 @@ from util.checkpoint import CheckpointError  # noqa: E402
 from util.config import ConfigError  # noqa: E402
 
 IGNORE_INDEX = 255
-COUNTS = ("pixels", "contested", "gate_right", "contested_right_1x", "gate_sum", "gate_square_sum", "right_1x", "right_v",
-          "right_fused", "right_constant")
+COUNTS = ("pixels", "contested", "gate_right", "contested_right_1x", "gate_sum", "gate_square_sum", "right_1x",
+          "right_v", "right_fused", "right_constant")
 
 
 def gate_counts(pred_1x: torch.Tensor, pred_v: torch.Tensor, pred_fused: torch.Tensor, gate: torch.Tensor,

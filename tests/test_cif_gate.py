@@ -98,8 +98,9 @@ def test_a_gate_that_is_constant_matches_the_constant_gate_columns():
     """A gate head held at 0.8 everywhere (the weight of the lower-resolution side): the per-pixel columns must equal
     the constant-gate ones, which checks that mean * pred_1x + (1 - mean) * pred_v is the model's own blend."""
     for gate_input in ("release", "paper"):
-        cfg = validate({"dataset": "pascal", "data_root": "unused", "nclass": 4, "backbone": "tv_resnet18", "pretrained": None,
-                        "cif_channels": 8, "cif_gate_channels": 8, "cif_gate": gate_input, "crop_size": 32}, "test")
+        cfg = validate({"dataset": "pascal", "data_root": "unused", "nclass": 4, "backbone": "tv_resnet18",
+                        "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8, "cif_gate": gate_input,
+                        "crop_size": 32}, "test")
         torch.manual_seed(0)
         model = build_model(cfg).eval()
         held = torch.nn.Conv2d(cfg["cif_gate_channels"], 1, 1)
