@@ -14,6 +14,7 @@ a best is refused rather than evaluated at another epoch (pass that latest.pth w
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
@@ -22,18 +23,19 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from dataset.classes import class_names, class_palette
 from dataset.semi import DatasetError, build_val_dataset, load_sample
-from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from dataset.transforms import denormalize, normalize
 from model import build_model
-from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint, load_model_state
+from util.checkpoint import CheckpointError, load_checkpoint, load_model_state, write_atomically
 from util.config import ConfigError, validate
 from util.dist import cleanup, init_distributed, report_failure
-from util.inference import center_crop, predict_probs, rescaled_predictor
-from util.metrics import MeanIoU, format_iou_table
+from util.run_dir import find_latest_run
+from util.evaluation import autocast_dtype, averaged_predictor, evaluate, predict_labels
+from util.inference import rescaled_predictor
+from util.metrics import format_iou_table
 from util.visualize import overlay_figure, palette_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -42,33 +44,6 @@ DEFAULT_CIF_SCALES = [0.5, 2.0]
 
 class OutputError(Exception):
     """An output that cannot be written, in one line naming the file."""
-
-
-def averaged_predictor(predict: Callable, scales: list[float], flip: bool) -> Callable:
-    """Logits-space predictor whose softmax is the mean softmax over ``scales`` (and flips): log of the mean."""
-    def predict_averaged(images: torch.Tensor) -> torch.Tensor:
-        probs = []
-        for scale in scales:
-            scaled = rescaled_predictor(predict, scale) if scale != 1.0 else predict
-            probs.append(scaled(images).float().softmax(dim=1))
-            if flip:
-                probs.append(scaled(images.flip(-1)).float().softmax(dim=1).flip(-1))
-        return torch.stack(probs).mean(dim=0).clamp_min(1e-12).log()
-    return predict_averaged
-
-
-def predict_labels(predict: Callable, image: torch.Tensor, mode: str, crop_size: int, amp_dtype=None) -> torch.Tensor:
-    """(1, H, W) class indices of a normalised (1, 3, H, W) image in evaluation ``mode``."""
-    with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return predict_probs(predict, image, mode, crop_size).argmax(dim=1)
-
-
-def denormalize(image: torch.Tensor) -> np.ndarray:
-    """A normalised (3, H, W) image back to (H, W, 3) uint8 RGB, for pictures."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    pixels = ((image.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255)
-    return pixels.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: list[str], colors: list[int],
@@ -86,44 +61,25 @@ def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: l
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
 
 
-def autocast_dtype(cfg: dict, device: torch.device):
-    """The autocast dtype of ``amp_dtype`` on a GPU with amp on (float16 takes a GradScaler), None (off) otherwise."""
-    if not cfg["amp"] or device.type != "cuda":
-        return None
-    if cfg["amp_dtype"] == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"amp_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16")
-    return torch.bfloat16 if cfg["amp_dtype"] == "bfloat16" else torch.float16
-
-
-@torch.no_grad()
-def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dtype=None, rank: int = 0,
-             world_size: int = 1, mode: str | None = None, save_dir: str | None = None,
-             progress: bool = False, overlays: bool = False) -> MeanIoU:
-    """mIoU of ``predict`` (images -> logits) over ``val_set``; with several processes each image is
-    evaluated by exactly one of them (no sampler padding), then the counts are summed. The caller puts
-    the model in eval mode. With ``save_dir`` the predictions are saved, with ``overlays`` also as pictures."""
-    mode = mode or cfg["eval_mode"]
-    shard = Subset(val_set, range(rank, len(val_set), world_size))
-    # Its own generator keeps evaluation from consuming the training run's random stream.
-    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=min(cfg["workers"], 2),
-                        generator=torch.Generator())
-    metric = MeanIoU(cfg["nclass"], device=device)
+def prediction_saver(save_dir: str, cfg: dict, overlays: bool) -> Callable:
+    """What evaluate() calls on each prediction to save it in ``save_dir`` (with ``overlays`` also as a picture)."""
     names, colors = class_names(cfg), class_palette(cfg)
-    for sample in tqdm(loader, disable=not progress, desc="eval", leave=False):
-        image = sample["image"].to(device)
-        mask = sample["mask"].to(device)
-        if mode == "center_crop":
-            image, mask = center_crop(image, mask, cfg["crop_size"])
-        prediction = predict_labels(predict, image, mode, cfg["crop_size"], amp_dtype)
-        metric.update(prediction, mask)
-        if save_dir is not None:
-            stem = os.path.splitext(os.path.basename(sample["id"][0]))[0]
-            picture, ground_truth = None, None
-            if overlays:
-                picture, ground_truth = denormalize(image[0]), mask[0].cpu().numpy().astype(np.uint8)
-            save_prediction(save_dir, stem, prediction[0], names, colors, picture, ground_truth)
-    metric.all_reduce()
-    return metric
+
+    def save(sample_id: str, image: torch.Tensor, mask: torch.Tensor, prediction: torch.Tensor) -> None:
+        stem = os.path.splitext(os.path.basename(sample_id))[0]
+        picture, ground_truth = None, None
+        if overlays:
+            picture, ground_truth = denormalize(image), mask.cpu().numpy().astype(np.uint8)
+        save_prediction(save_dir, stem, prediction, names, colors, picture, ground_truth)
+    return save
+
+
+def write_json(path: str, figures: dict) -> None:
+    """``figures`` as JSON at ``path``, written whole or not at all."""
+    try:
+        write_atomically(path, lambda temporary: temporary.write_text(json.dumps(figures, indent=1)))
+    except CheckpointError as error:
+        raise OutputError(str(error)) from None
 
 
 def list_images(folder: str) -> list[Path]:
@@ -243,6 +199,8 @@ def parse_args(argv=None):
                         help="extra scales of the multi-scale modes (default: 0.5 2.0)")
     parser.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+    parser.add_argument("--json", help="also write the printed figures to this file as JSON (mIoU, per-class IoU, "
+                                       "per-scale mIoU)")
     args = parser.parse_args(argv)
     # Options another one would silently ignore are refused, so that no result is mistaken for what was asked.
     if args.checkpoint is not None and args.exp_dir is not None:
@@ -272,6 +230,8 @@ def parse_args(argv=None):
             raise SystemExit("error: --scales is for evaluation; --predict-dir cannot be combined with it")
         if args.data_root is not None:
             raise SystemExit("error: --data-root is for evaluation; --predict-dir reads no dataset")
+        if args.json is not None:
+            raise SystemExit("error: --json writes evaluation figures; --predict-dir has none")
     elif args.mask_dir is not None:
         raise SystemExit("error: --mask-dir needs --predict-dir")
     if args.overlays and args.save_dir is None:
@@ -369,12 +329,17 @@ def evaluate_or_predict(args, model, cfg: dict, device: torch.device, rank: int,
             print("input scale  mIoU")
             for scale, miou in results:
                 print(f"{scale:>11.2f}  {miou:.2f}")
+            figures = {"mode": mode, "scales": {f"{scale:g}": miou for scale, miou in results}}
     else:
         predict = build_predictor(model, args)
-        metric = evaluate(predict, val_set, cfg, device, amp_dtype, rank, world_size, mode,
-                          save_dir=args.save_dir, progress=rank == 0, overlays=args.overlays)
+        saver = prediction_saver(args.save_dir, cfg, args.overlays) if args.save_dir is not None else None
+        metric = evaluate(predict, val_set, cfg, device, amp_dtype, rank, world_size, mode, on_prediction=saver,
+                          progress=rank == 0)
         if rank == 0:
             print(format_iou_table(names, metric.iou()))
+        figures = {"mode": mode, "miou": metric.miou(), "iou": dict(zip(names, metric.iou().tolist()))}
+    if args.json is not None and rank == 0:
+        write_json(args.json, {"checkpoint": picked, **figures})
 
 
 if __name__ == "__main__":

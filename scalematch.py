@@ -1,167 +1,53 @@
-"""ScaleMatch training: FixMatch weak-to-strong with CutMix and feature perturbation (as in UniMatch), plus
-the scale branches of ScaleMatch (ISVC, FSVC, CIF), launched by ``scripts/train.sh`` with or without torchrun.
-Every switch off (isvc, fsvc, cif) is the FixMatch baseline; train_mode: supervised the labeled-only baseline.
+"""ScaleMatch training: FixMatch weak-to-strong with CutMix and feature perturbation (as in UniMatch), plus the scale
+branches of ScaleMatch (ISVC, FSVC, CIF), launched by ``scripts/train.sh`` with or without torchrun. Every switch off
+(isvc, fsvc, cif) is the FixMatch baseline; train_mode: supervised the labeled-only baseline.
 
     python scalematch.py --config configs/synthetic.yaml split=1_16 epochs=2
+
+The file reads as the method (scale draws, pseudo-labels, CutMix targets, each loss term and the total of Eq. 17, one
+training step), then the loop (train_one_epoch, train, main). The run machinery lives in util/: lifecycle.py (lock,
+signals, non-finite steps, exit codes), resume.py, events.py, loaders.py, evaluation.py.
 """
+from __future__ import annotations
+
 import argparse
-import hashlib
-import json
 import os
 import random
-import re
-import signal
 import sys
-import threading
+import time
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from dataset.classes import class_names, class_palette
 from dataset.semi import DatasetError, build_datasets, dataset_summary
-from eval import autocast_dtype, denormalize, evaluate
+from dataset.transforms import denormalize
 from model import build_model
 from model.backbone import PretrainedError
-from util.checkpoint import (CheckpointError, RunDirectoryError, directories_to_create, load_checkpoint,
-                              load_model_state, lock_run_directory, release_run_directory, remove_stale_temporaries,
-                              remove_unstarted_run, save_checkpoint, write_atomically)
-from util.config import ConfigError, dump_config, load_config
-from util.dist import (all_reduce_sum, broadcast_from_main, cleanup, gather_to_main, init_distributed, report_failure,
-                       under_torchrun, watch_launcher)
+from util.checkpoint import save_checkpoint, write_atomically
+from util.config import ConfigError, check_batch_size, dump_config, load_config, without_idle_cif
+from util.dist import broadcast_from_main, cleanup, init_distributed
+from util.evaluation import autocast_dtype, evaluate
+from util.events import RunEvents, log_step_pictures
+from util.lifecycle import (NonFiniteLoss, StopSignal, agree, claimed_run_directory, ensure_finite, exit_code, on_main,
+                            seed_everything)
+from util.loaders import train_loaders
 from util.logging import setup_logger
 from util.losses import OHEMCrossEntropy, masked_cross_entropy
 from util.metrics import MeanIoU, format_iou_table
-from util.sampling import ResumableSampler, SeededDataset, rng_state, set_rng_state
-from util.visualize import colourize
+from util.resume import checkpoint_state, fresh_progress, recorded_best_miou, reconcile_best, resume
+from util.results import RunResults
+from util.run_dir import RunDirectoryError, run_directory
 
 IGNORE_INDEX = 255
+# Failures before training starts: the run directory this launch made is removed again.
+START_UP_ERRORS = (ConfigError, DatasetError, PretrainedError)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/pascal.yaml")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, dotted keys for nested values (loss_weights.strong=0.25)")
-    return parser.parse_args(argv)
-
-
-# Settings that change how a run is watched or where it lives, never what it trains: the run name leaves them out.
-OPERATIONAL_KEYS = ("workers", "log_interval", "image_log_interval", "checkpoint_interval", "on_nonfinite_loss",
-                    "exp_dir", "run_name")
-
-
-def run_directory(cfg: dict, overrides: list[str]) -> str:
-    """exp/DATASET/SPLIT/<run name>. The default name is the command's overrides, cut to stay readable, then a hash
-    of the whole resolved experiment: rerunning a command finds (and resumes) its run, and two experiments that differ
-    in any setting, however long their command lines, never share one."""
-    name = cfg["run_name"]
-    if name is None:
-        kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("split", *OPERATIONAL_KEYS)]
-        readable = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(kept))[:80] or "default"
-        experiment = {key: value for key, value in cfg.items() if key not in OPERATIONAL_KEYS}
-        digest = hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()[:12]
-        name = f"{readable}-{digest}"
-    return os.path.join(cfg["exp_dir"], cfg["dataset"], cfg["split"], name)
-
-
-def without_idle_cif(cfg: dict) -> tuple[dict, str | None]:
-    """`cfg` with cif off where nothing would run it (train_mode supervised; isvc off with fusion none, so no
-    rescaled view), and a line saying so. Kept, an untrained CIF would be saved and used by --multiscale-cif as if
-    trained, and under DDP its parameters, which get no gradient, fail the step."""
-    semi = cfg["train_mode"] == "semi"
-    if not cfg["cif"] or (semi and (cfg["isvc"] or cfg["fusion"] != "none")):
-        return cfg, None
-    why = "isvc off and fusion none (no rescaled view)" if semi else "train_mode supervised"
-    return {**cfg, "cif": False, "fusion": "none"}, f"cif: false, since with {why} nothing would train it"
-
-
-def check_batch_size(cfg: dict, world_size: int, device: torch.device) -> None:
-    """BatchNorm in training mode needs two values per channel, and ASPP's image pooling gives one per image: a pass
-    of a single image (the strong view's, or the labeled one's in supervised mode, with batch_size 1) works only where
-    SyncBatchNorm pools the images of several GPUs, as in the release's 1 x 2 GPUs on Cityscapes."""
-    images_per_pass = cfg["batch_size"] * (cfg["strong_views"] if cfg["train_mode"] == "semi" else 1)
-    if images_per_pass >= 2 or (device.type == "cuda" and world_size > 1):
-        return
-    where = "one process" if world_size == 1 else f"{world_size} CPU processes, whose BatchNorm is not synchronised"
-    raise ConfigError(f"batch_size 1 on {where}: a training pass would hold one image, and BatchNorm (ASPP's image "
-                      "pooling) needs two; set batch_size=2 (as many images per BatchNorm as the release's 1 x 2 "
-                      "GPUs) or train on 2 or more GPUs")
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def ignore_sigterm(worker_id: int) -> None:
-    """A data loader worker leaves SIGTERM to the training process, which checkpoints before it stops: torchrun's
-    agent and cluster schedulers signal whole process groups, and a worker killed that way fails the step instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def make_loader(dataset, cfg: dict, seed: int, world_size: int, rank: int, batch_size: int) -> DataLoader:
-    """A shuffled loader whose order and augmentation can resume mid-epoch (util/sampling.py)."""
-    sampler = ResumableSampler(len(dataset), seed, rank, world_size)
-    # Its own generator: creating an iterator draws a worker seed, which must not consume the global stream.
-    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=cfg["workers"],
-                      pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=cfg["workers"] > 0,
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigterm)
-
-
-def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
-    """Backbone at lr, everything else (decoder, later CIF) at lr * lr_multi."""
-    backbone_ids = {id(p) for p in model.backbone.parameters()}
-    head = [p for p in model.parameters() if id(p) not in backbone_ids]
-    groups = [{"params": list(model.backbone.parameters()), "lr": cfg["lr"], "lr_scale": 1.0},
-              {"params": head, "lr": cfg["lr"] * cfg["lr_multi"], "lr_scale": cfg["lr_multi"]}]
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-
-
-def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: dict, iteration: int, total_iters: int) -> float:
-    """lr * (1 - iteration / total_iters) ** poly_power on every group (scaled by its lr_scale); returns it."""
-    lr = cfg["lr"] * (1 - iteration / total_iters) ** cfg["poly_power"]
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
-    return lr
-
-
-def labeled_criterion(cfg: dict) -> nn.Module:
-    if cfg["criterion"] == "ohem":
-        return OHEMCrossEntropy(cfg["ohem_thresh"], cfg["ohem_min_kept"], ignore_index=IGNORE_INDEX)
-    return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-
-
-def pseudo_label_from(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence and class of each pixel from (detached) class probabilities."""
-    confidence, pseudo_label = probs.detach().max(dim=1)
-    return confidence, pseudo_label
-
-
-def mean_probs(logits: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([p.detach().float().softmax(dim=1) for p in logits]).mean(dim=0)
-
-
-def cutmix_targets(box, pseudo_label, confidence, ignore_mask, partner):
-    """Targets of a CutMix-ed strong view: inside the box, the partner image's pseudo-label."""
-    inside = box == 1
-    return (torch.where(inside, partner["pseudo_label"], pseudo_label),
-            torch.where(inside, partner["confidence"], confidence),
-            torch.where(inside, partner["ignore_mask"], ignore_mask))
-
+# ---------------------------------------------------------------------------------------------------------------------
+# The method
 
 def draw_scales(cfg: dict) -> tuple[tuple[float, ...], float | None]:
     """This iteration's image scales v (one drawn, or all with mri) and feature scale t (None: no FP branch).
@@ -187,6 +73,10 @@ def pseudo_label_source(cfg: dict, epoch: int) -> str:
     return "none" if epoch < cfg["warm_up"] else cfg["fusion"]
 
 
+def mean_probs(logits: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([p.detach().float().softmax(dim=1) for p in logits]).mean(dim=0)
+
+
 def fused_probs(out: dict, fusion: str, first: int) -> torch.Tensor:
     """Class probabilities of images [first:] after fusing the 1x and rescaled predictions."""
     if fusion == "cif":
@@ -196,86 +86,59 @@ def fused_probs(out: dict, fusion: str, first: int) -> torch.Tensor:
     return mean_probs([out["pred"][first:]])
 
 
-class RunEvents:
-    """The run's TensorBoard events (rank 0). A write that fails (a full disk) is told once on stderr, in one line, and
-    the run goes on without events, as it does without train.log: its checkpoints are its record."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.failed = False
-        # TensorBoard writes from a thread of its own, whose OSError would otherwise be printed as a traceback.
-        self.previous_excepthook = threading.excepthook
-        threading.excepthook = self._thread_failed
-        try:
-            self.writer = SummaryWriter(run_dir)
-        except OSError as error:  # it writes and flushes the file's first record at once
-            self._failed(error)
-
-    def _failed(self, error: OSError) -> None:
-        if not self.failed:
-            print(f"warning: {self.run_dir}: cannot write the TensorBoard events ({error.strerror or error}); the run "
-                  "goes on without them", file=sys.stderr)
-        self.failed = True
-
-    def _thread_failed(self, args) -> None:
-        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
-            self._failed(args.exc_value)
-        else:
-            self.previous_excepthook(args)
-
-    def _write(self, method: str, *args) -> None:
-        if self.failed:
-            return
-        try:
-            getattr(self.writer, method)(*args)
-        except OSError as error:  # the writer thread's, raised again at the next call
-            self._failed(error)
-
-    def add_scalar(self, *args) -> None:
-        self._write("add_scalar", *args)
-
-    def add_image(self, *args) -> None:
-        self._write("add_image", *args)
-
-    def add_images(self, *args) -> None:
-        self._write("add_images", *args)
-
-    def close(self) -> None:
-        self._write("close")
-        threading.excepthook = self.previous_excepthook
+def pseudo_label_from(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and class of each pixel from (detached) class probabilities."""
+    confidence, pseudo_label = probs.detach().max(dim=1)
+    return confidence, pseudo_label
 
 
-def log_pictures(writer, tag: str, images, panels, palette, step: int, max_images: int = 4) -> None:
-    """One TensorBoard grid: a row of images, then one row per label map in the dataset's colours."""
-    count = min(max_images, len(images))
-    tiles = [denormalize(images[i]) for i in range(count)]
-    tiles += [colourize(labels[i].cpu().numpy(), palette) for labels in panels for i in range(count)]
-    writer.add_image(tag, make_grid(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2), nrow=count), step)
+def cutmix_targets(box, pseudo_label, confidence, ignore_mask, partner):
+    """Targets of a CutMix-ed strong view: inside the box, the partner image's pseudo-label."""
+    inside = box == 1
+    return (torch.where(inside, partner["pseudo_label"], pseudo_label),
+            torch.where(inside, partner["confidence"], confidence),
+            torch.where(inside, partner["ignore_mask"], ignore_mask))
 
 
-def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch, device, criterion_labeled,
-                           quality):
-    """The loss terms of one ScaleMatch step (FixMatch / UniMatch when isvc, fsvc and cif are off), and what
-    the logs show of it."""
-    image_x = labeled["image"].to(device, non_blocking=True)
-    mask_x = labeled["mask"].to(device, non_blocking=True)
-    image_w = unlabeled["image_weak"].to(device, non_blocking=True)
-    ignore_mask = unlabeled["ignore_mask"].to(device, non_blocking=True)
-    image_s = [s.to(device, non_blocking=True) for s in unlabeled["image_strong"]]
-    boxes = [b.to(device, non_blocking=True) for b in unlabeled["cutmix_box"]]
+def labeled_criterion(cfg: dict) -> nn.Module:
+    if cfg["criterion"] == "ohem":
+        return OHEMCrossEntropy(cfg["ohem_thresh"], cfg["ohem_min_kept"], ignore_index=IGNORE_INDEX)
+    return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class StepOutput:
+    """One step's named loss terms and total, its pseudo-labels, and what the logs show of it."""
+    terms: dict
+    loss: torch.Tensor | None = None
+    pseudo_label: torch.Tensor | None = None  # of the weak unlabeled images, before the confidence threshold
+    confidence: torch.Tensor | None = None
+    fusion_probs: dict = field(default_factory=dict)  # each fusion the step computed: class probabilities
+    extras: dict = field(default_factory=dict)  # logged beside the terms (mask_ratio)
+    pictures: dict = field(default_factory=dict)
+    skipped: bool = False  # a non-finite loss, skipped with on_nonfinite_loss: skip
+    stop_requested: bool = False  # some process was asked to stop: checkpoint and stop after this step
+    lr: float | None = None  # the backbone's rate for the next step
+
+
+def semi_supervised_terms(model, batch: dict, cfg: dict, epoch: int, criterion: nn.Module) -> StepOutput:
+    """The loss terms of one ScaleMatch step (FixMatch / UniMatch when isvc, fsvc and cif are off) on a batch already
+    on the device: batch['labeled'], batch['unlabeled'] and batch['partner'] (the CutMix partner)."""
+    labeled, unlabeled, partner_batch = batch["labeled"], batch["unlabeled"], batch["partner"]
+    image_x, mask_x, image_w = labeled["image"], labeled["mask"], unlabeled["image_weak"]
+    ignore_mask, image_s, boxes = unlabeled["ignore_mask"], list(unlabeled["image_strong"]), unlabeled["cutmix_box"]
     num_x = len(image_x)
 
     # CutMix partner: its pseudo-label needs no graph, and eval mode keeps BN statistics clean.
     with torch.no_grad():
         model.eval()
-        partner_probs = model(partner_batch["image_weak"].to(device, non_blocking=True))["pred"].float().softmax(1)
+        partner_probs = model(partner_batch["image_weak"])["pred"].float().softmax(1)
         model.train()
     partner_confidence, partner_label = pseudo_label_from(partner_probs)
     partner = {"pseudo_label": partner_label, "confidence": partner_confidence,
-               "ignore_mask": partner_batch["ignore_mask"].to(device, non_blocking=True)}
+               "ignore_mask": partner_batch["ignore_mask"]}
     for view, box in enumerate(boxes):
-        partner_s = partner_batch["image_strong"][view].to(device, non_blocking=True)
-        image_s[view] = torch.where((box == 1).unsqueeze(1), partner_s, image_s[view])
+        image_s[view] = torch.where((box == 1).unsqueeze(1), partner_batch["image_strong"][view], image_s[view])
 
     # Labeled and weak unlabeled images in one pass: 1x, rescaled by v, perturbed features at t, CIF.
     image_scales, feature_scale = draw_scales(cfg)
@@ -291,11 +154,11 @@ def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch,
     terms = {}
     # L_s (Eq. 16): ground truth on the CIF-fused prediction, so CIF learns from labels; else on 1x.
     if out["pred_cif"]:
-        terms["supervised"] = sum(criterion_labeled(p[:num_x], mask_x) for p in out["pred_cif"]) / len(image_scales)
+        terms["supervised"] = sum(criterion(p[:num_x], mask_x) for p in out["pred_cif"]) / len(image_scales)
         if cfg["supervise_1x"]:  # the single-scale predictor also learns from labels directly, not via the gate
-            terms["supervised"] = (terms["supervised"] + criterion_labeled(out["pred"][:num_x], mask_x)) / 2
+            terms["supervised"] = (terms["supervised"] + criterion(out["pred"][:num_x], mask_x)) / 2
     else:
-        terms["supervised"] = criterion_labeled(out["pred"][:num_x], mask_x)
+        terms["supervised"] = criterion(out["pred"][:num_x], mask_x)
     # L_strong: CutMix-ed strong views supervised by the weak pseudo-labels, averaged over views.
     strong_losses = []
     for view, box in enumerate(boxes):
@@ -310,311 +173,224 @@ def semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch,
     if feature_scale is not None:
         terms["fp"] = masked_cross_entropy(out["pred_fp"][num_x:], pseudo_label, confident, ignore_mask)
 
-    # Pseudo-label quality against the unlabeled ground truth, where it is on disk (Fig. 5).
-    truth = unlabeled["mask"].to(device, non_blocking=True)
-    for fusion, fusion_probs in probs.items():
-        quality["1x" if fusion == "none" else fusion].update(fusion_probs.argmax(1), truth)
-
     valid = ignore_mask != IGNORE_INDEX
     extras = {"mask_ratio": (confident & valid).float().sum() / valid.float().sum().clamp(min=1)}
     pictures = {"image_x": image_x, "mask_x": mask_x, "pred_x": out["pred"][:num_x], "image_w": image_w,
-                "truth_u": truth, "pred_w": out["pred"][num_x:],
+                "truth_u": unlabeled["mask"], "pred_w": out["pred"][num_x:],
                 "pseudo_label": torch.where(confident, pseudo_label, IGNORE_INDEX),
                 "gate": out["gate"][0][num_x:] if out["gate"] else None}
-    return terms, extras, pictures
+    return StepOutput(terms, pseudo_label=pseudo_label, confidence=confidence, fusion_probs=probs, extras=extras,
+                      pictures=pictures)
 
 
-class Preempted(Exception):
-    """SIGTERM arrived, or under torchrun the launcher ended; a checkpoint was written."""
+def supervised_terms(model, batch: dict, criterion: nn.Module) -> StepOutput:
+    """The labeled-only baseline's one term."""
+    image_x, mask_x = batch["labeled"]["image"], batch["labeled"]["mask"]
+    pred_x = model(image_x)["pred"]
+    return StepOutput({"supervised": criterion(pred_x, mask_x)},
+                      pictures={"image_x": image_x, "mask_x": mask_x, "pred_x": pred_x})
 
 
-class NonFiniteLoss(Exception):
-    """A NaN or infinite loss with on_nonfinite_loss: stop."""
+def total_loss(terms: dict, cfg: dict) -> torch.Tensor:
+    """Eq. 17: (L_s + the weighted unsupervised terms) / loss_divisor (the release halves the sum)."""
+    weights = cfg["loss_weights"]
+    return (terms["supervised"] + sum(weights[name] * value for name, value in terms.items()
+                                      if name != "supervised")) / cfg["loss_divisor"]
 
 
-class NonFiniteModel(Exception):
-    """The model's weights or running statistics hold NaN or inf: nothing more is saved."""
+def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
+    """Backbone at lr, everything else (decoder, later CIF) at lr * lr_multi."""
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    head = [p for p in model.parameters() if id(p) not in backbone_ids]
+    groups = [{"params": list(model.backbone.parameters()), "lr": cfg["lr"], "lr_scale": 1.0},
+              {"params": head, "lr": cfg["lr"] * cfg["lr_multi"], "lr_scale": cfg["lr_multi"]}]
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
 
 
-class StopSignal:
-    """Remembers why the run should stop at the next step boundary, with a checkpoint: a SIGTERM (cluster
-    pre-emption) or, under torchrun, the end of the launcher (its workers would otherwise train on unwatched)."""
+def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: dict, iteration: int, total_iters: int) -> float:
+    """lr * (1 - iteration / total_iters) ** poly_power on every group (scaled by its lr_scale); returns it."""
+    lr = cfg["lr"] * (1 - iteration / total_iters) ** cfg["poly_power"]
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
 
-    def __init__(self):
-        self.reason = None
-        signal.signal(signal.SIGTERM, self._handle)
-        if under_torchrun():
-            watch_launcher(lambda: self.request("the torchrun launcher ended"))
 
-    def request(self, reason: str) -> None:
-        self.reason = self.reason or reason
+@dataclass
+class Run:
+    """What every step of a run shares: built by train(), or around its own model by a benchmark or a test."""
+    cfg: dict
+    model: nn.Module  # what is called: DistributedDataParallel-wrapped with several processes
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    total_iters: int
+    scaler: torch.amp.GradScaler | None = None  # None: a pass-through (no fp16)
+    amp_dtype: torch.dtype | None = None
+    rank: int = 0
+    world_size: int = 1
+    iters_per_epoch: int | None = None  # None: as many as the loaders give
+    stop: StopSignal | None = None
+    progress: dict = field(default_factory=fresh_progress)
+    criterion: nn.Module | None = None  # None: labeled_criterion(cfg)
+    logger: object = None
+    writer: RunEvents | None = None  # rank 0's TensorBoard events
+    results: RunResults | None = None  # rank 0's results.json
 
-    def _handle(self, signum, frame):
-        self.request("SIGTERM")
+    def __post_init__(self):
+        self.scaler = self.scaler or torch.amp.GradScaler("cuda", enabled=False)
+        self.criterion = self.criterion or labeled_criterion(self.cfg)
 
     @property
-    def received(self) -> bool:
-        return self.reason is not None
+    def net(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
-def agree(flags: list[bool], world_size: int, device: torch.device) -> list[bool]:
-    """Whether any process raised each flag, so that all processes take the same branch."""
-    if world_size == 1:
-        return flags
-    # On the training device: NCCL reduces CUDA tensors only.
-    raised = torch.tensor([float(f) for f in flags], device=device)
-    return [bool(v) for v in all_reduce_sum(raised).tolist()]
+def to_device(batch, device: torch.device):
+    """Tensors of a (nested) batch on ``device``; names and other values as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
 
 
-def on_main(action, is_main: bool):
-    """``action()`` run by rank 0 alone (writing the run directory); its result, or its one-line error, in every
-    process, so that all processes go on or stop together instead of waiting for a peer that has gone."""
-    outcome = None
-    if is_main:
-        try:
-            outcome = (action(), None)
-        except (CheckpointError, RunDirectoryError) as error:
-            outcome = (None, error)
-    result, error = broadcast_from_main(outcome)
-    if error is not None:
-        raise error
-    return result
+def train_step(run: Run, batch: dict, epoch: int) -> StepOutput:
+    """One training iteration: the loss terms and their total, then backward and the optimizer's step (or, for a
+    non-finite loss with on_nonfinite_loss: skip, nothing, its BatchNorm updates undone), then the next step's rate.
+    All processes take the same branch. Advances run.progress."""
+    cfg, model, progress = run.cfg, run.model, run.progress
+    # A skipped step must leave the model as it was, and its forward passes move BatchNorm's running statistics.
+    skippable = cfg["on_nonfinite_loss"] == "skip"
+    buffers_before = [buffer.clone() for buffer in model.buffers()] if skippable else None
+    batch = to_device(batch, run.device)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        if cfg["train_mode"] == "semi":
+            output = semi_supervised_terms(model, batch, cfg, epoch, run.criterion)
+        else:
+            output = supervised_terms(model, batch, run.criterion)
+    output.loss = total_loss(output.terms, cfg)
+
+    stop_requested = run.stop is not None and run.stop.received
+    nonfinite, output.stop_requested = agree([not torch.isfinite(output.loss.detach()).item(), stop_requested],
+                                             run.world_size, run.device)
+    iteration = progress["iteration"] + 1
+    if nonfinite:
+        culprits = [name for name, value in output.terms.items() if not torch.isfinite(value.detach()).item()]
+        where = f"iteration {iteration} (epoch {epoch}): non-finite loss in {', '.join(culprits) or 'another process'}"
+        if not skippable:
+            raise NonFiniteLoss(f"{where}; the last checkpoint is left as it was "
+                                "(set on_nonfinite_loss=skip to skip such steps)")
+        progress["skipped_steps"] += 1
+        run.logger.warning(f"{where}; step skipped ({progress['skipped_steps']} so far)")
+        run.optimizer.zero_grad(set_to_none=True)
+        for buffer, before in zip(model.buffers(), buffers_before):
+            buffer.copy_(before)
+        output.skipped = True
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(output.loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    # The next step's rate from this step's 0-based index, as the release schedules it.
+    output.lr = set_poly_lr(run.optimizer, cfg, progress["iteration"], run.total_iters)
+    progress["iteration"] = iteration
+    progress["step"] += 1
+    return output
 
 
-def ensure_finite(net: nn.Module, iteration: int, world_size: int, device: torch.device) -> None:
-    """Stop before a model holding NaN or inf is evaluated or saved: the last checkpoint stays the last good one."""
-    broken = [name for name, tensor in net.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if agree([bool(broken)], world_size, device)[0]:
-        where = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "") if broken else "another process's copy"
-        raise NonFiniteModel(f"iteration {iteration}: the model holds NaN/inf ({where}); the last checkpoint is left "
-                             "as it was")
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+def log_step(run: Run, output: StepOutput, running: dict, bar) -> None:
+    """Running means in train.log every log_interval steps; every step's terms in TensorBoard; pictures."""
+    cfg, iteration = run.cfg, run.progress["iteration"]
+    logged = {**output.terms, **output.extras, "total": output.loss}
+    running["steps"] = running.get("steps", 0) + 1
+    for name, value in logged.items():
+        running.setdefault("sums", {})[name] = running.get("sums", {}).get(name, 0.0) + value.item()
+    if not run.is_main:
+        return
+    bar.set_postfix(loss=f"{output.loss.item():.3f}", lr=f"{output.lr:.2e}")
+    for name, value in logged.items():
+        run.writer.add_scalar(f"train/{name}", value.item(), iteration)
+    run.writer.add_scalar("train/lr", output.lr, iteration)
+    if iteration % cfg["log_interval"] == 0:
+        run.logger.info(f"epoch {run.progress['epoch']} iter {iteration}/{run.total_iters} lr {output.lr:.2e} "
+                        + " ".join(f"{k} {v / running['steps']:.4f}" for k, v in running["sums"].items()))
+    if cfg["image_log_interval"] and iteration % cfg["image_log_interval"] == 0:
+        log_step_pictures(run.writer, output.pictures, class_palette(cfg), iteration, denormalize)
 
 
-def train_one_epoch(model, optimizer, scaler, loaders, cfg, progress, iters_per_epoch, total_iters, device, amp_dtype,
-                    writer, logger, is_main, world_size, save_latest, stop):
-    """Train from ``progress['step']`` to the end of epoch ``progress['epoch']``, updating ``progress``."""
+def train_one_epoch(run: Run, loaders, save_latest) -> None:
+    """Train from ``run.progress['step']`` to the end of epoch ``run.progress['epoch']``; ``save_latest()`` writes
+    latest.pth (every checkpoint_interval steps, and before a requested stop)."""
+    cfg, progress = run.cfg, run.progress
     epoch = progress["epoch"]
-    labeled_loader, unlabeled_loader, partner_loader = loaders
     for loader in loaders:
         loader.sampler.set_epoch(epoch, start=progress["step"] * cfg["batch_size"])
-    criterion_labeled = labeled_criterion(cfg)
     semi = cfg["train_mode"] == "semi"
-    weights = cfg["loss_weights"]
-    quality = {name: MeanIoU(cfg["nclass"], device=device) for name in ("1x", "average", "cif")}
-    model.train()
+    quality = {name: MeanIoU(cfg["nclass"], device=run.device) for name in ("1x", "average", "cif")}
+    run.model.train()
+    labeled_loader, unlabeled_loader, partner_loader = loaders
     batches = zip(labeled_loader, unlabeled_loader, partner_loader) if semi else ((b, None, None) for b in labeled_loader)
-    bar = tqdm(batches, total=iters_per_epoch - progress["step"], disable=not is_main, desc=f"epoch {epoch}",
+    bar = tqdm(batches, total=run.iters_per_epoch - progress["step"], disable=not run.is_main, desc=f"epoch {epoch}",
                leave=False)
-    running, counted = {}, 0
-    skippable = cfg["on_nonfinite_loss"] == "skip"
-    for labeled, unlabeled, partner_batch in bar:
-        if progress["step"] >= iters_per_epoch:
+    running = {}
+    started, first_iteration = time.perf_counter(), progress["iteration"]
+    for labeled, unlabeled, partner in bar:
+        if progress["step"] >= run.iters_per_epoch:
             break
-        # A skipped step must leave the model as it was, and its forward passes move BatchNorm's running statistics.
-        buffers_before = [buffer.clone() for buffer in model.buffers()] if skippable else None
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            if semi:
-                terms, extras, pictures = semi_supervised_losses(model, labeled, unlabeled, partner_batch, cfg, epoch,
-                                                                 device, criterion_labeled, quality)
-            else:
-                image_x = labeled["image"].to(device, non_blocking=True)
-                mask_x = labeled["mask"].to(device, non_blocking=True)
-                pred_x = model(image_x)["pred"]
-                terms, extras = {"supervised": criterion_labeled(pred_x, mask_x)}, {}
-                pictures = {"image_x": image_x, "mask_x": mask_x, "pred_x": pred_x}
-
-        # Total loss (Eq. 17): (L_s + sum of weighted unsupervised terms) / loss_divisor.
-        loss = (terms["supervised"] + sum(weights[name] * value for name, value in terms.items()
-                                          if name != "supervised")) / cfg["loss_divisor"]
-        nonfinite, stop_requested = agree([not torch.isfinite(loss.detach()).item(), stop.received], world_size, device)
-        iteration = progress["iteration"] + 1
-        if nonfinite:
-            culprits = [name for name, value in terms.items() if not torch.isfinite(value.detach()).item()]
-            where = f"iteration {iteration} (epoch {epoch}): non-finite loss in {', '.join(culprits) or 'another process'}"
-            if cfg["on_nonfinite_loss"] == "stop":
-                raise NonFiniteLoss(f"{where}; the last checkpoint is left as it was "
-                                    "(set on_nonfinite_loss=skip to skip such steps)")
-            progress["skipped_steps"] += 1
-            logger.warning(f"{where}; step skipped ({progress['skipped_steps']} so far)")
-            optimizer.zero_grad(set_to_none=True)
-            for buffer, before in zip(model.buffers(), buffers_before):
-                buffer.copy_(before)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        # The next step's rate from this step's 0-based index, as the release schedules it.
-        lr = set_poly_lr(optimizer, cfg, progress["iteration"], total_iters)
-        progress["iteration"] = iteration
-        progress["step"] += 1
-
-        if not nonfinite:
-            counted += 1
-            logged = {**terms, **extras, "total": loss}
-            for name, value in logged.items():
-                running[name] = running.get(name, 0.0) + value.item()
-            if is_main:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-                for name, value in logged.items():
-                    writer.add_scalar(f"train/{name}", value.item(), iteration)
-                writer.add_scalar("train/lr", lr, iteration)
-                if iteration % cfg["log_interval"] == 0:
-                    logger.info(f"epoch {epoch} iter {iteration}/{total_iters} lr {lr:.2e} "
-                                + " ".join(f"{k} {v / counted:.4f}" for k, v in running.items()))
-                if cfg["image_log_interval"] and iteration % cfg["image_log_interval"] == 0:
-                    log_step_pictures(writer, pictures, class_palette(cfg), iteration)
-
+        output = train_step(run, {"labeled": labeled, "unlabeled": unlabeled, "partner": partner}, epoch)
+        # Pseudo-label quality against the unlabeled ground truth, where it is on disk (Fig. 5).
+        for fusion, probs in output.fusion_probs.items():
+            quality["1x" if fusion == "none" else fusion].update(probs.argmax(1), output.pictures["truth_u"])
+        if not output.skipped:
+            log_step(run, output, running, bar)
         # The epoch's last step is saved after its evaluation instead, so a resume never skips that evaluation.
         interval = cfg["checkpoint_interval"]
-        if stop_requested or (interval and iteration % interval == 0 and progress["step"] < iters_per_epoch):
+        if output.stop_requested or (interval and progress["iteration"] % interval == 0
+                                     and progress["step"] < run.iters_per_epoch):
             save_latest()
-        if stop_requested:
-            raise Preempted(f"{stop.reason or 'another process was stopped'}: checkpoint written at iteration "
-                            f"{iteration}; rerun the same command to resume")
+        if output.stop_requested:
+            raise run.stop.preempted(progress["iteration"])
+    if run.results is not None:
+        run.results.add_training(time.perf_counter() - started, progress["iteration"] - first_iteration)
 
     if semi:
         for meter in quality.values():
             meter.all_reduce()
         measured = {name: meter.miou() for name, meter in quality.items() if meter.target_area.sum() > 0}
-        if is_main and measured:
-            logger.info(f"epoch {epoch} pseudo-label mIoU on unlabeled images: "
-                        + ", ".join(f"{name} {value:.2f}" for name, value in measured.items()))
+        if run.is_main and measured:
+            run.logger.info(f"epoch {epoch} pseudo-label mIoU on unlabeled images: "
+                            + ", ".join(f"{name} {value:.2f}" for name, value in measured.items()))
             for name, value in measured.items():
-                writer.add_scalar(f"pseudo_label_miou/{name}", value, epoch)
+                run.writer.add_scalar(f"pseudo_label_miou/{name}", value, epoch)
+            run.results.add_pseudo_label_miou(epoch, measured)
 
 
-def log_step_pictures(writer, pictures: dict, palette, step: int) -> None:
-    log_pictures(writer, "train/labeled (image, ground truth, prediction)", pictures["image_x"],
-                 [pictures["mask_x"], pictures["pred_x"].argmax(1)], palette, step)
-    if "image_w" in pictures:
-        log_pictures(writer, "train/unlabeled (image, ground truth, prediction, confident pseudo-label)",
-                     pictures["image_w"], [pictures["truth_u"], pictures["pred_w"].argmax(1),
-                                           pictures["pseudo_label"]], palette, step)
-    if pictures.get("gate") is not None:
-        writer.add_images("train/cif gate (weight of the 1x prediction)", pictures["gate"][:4].float().cpu(), step)
-
-
-# Settings a resumed run may change: how it is watched, evaluated and computed, where its files are, and how long it
-# trains (the schedule then stretches from where it is). Any other change would make it a mix of two experiments.
-RESUMABLE_CHANGES = OPERATIONAL_KEYS + ("epochs", "eval_interval", "eval_mode", "amp", "amp_dtype", "deterministic",
-                                        "data_root", "splits_dir", "pretrained", "class_names", "palette")
-
-
-def flatten(cfg: dict, prefix: str = "") -> dict:
-    """Nested sections as dotted keys: {'loss_weights.strong': 0.25, ...}."""
-    flat = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_resume_config(saved: dict, cfg: dict, path: str, logger) -> None:
-    """Refuse, in one line naming every such key, a resume whose settings change the experiment."""
-    before, now = flatten(saved), flatten(cfg)
-    changed = [key for key in now if key in before and before[key] != now[key]]
-    refused = [key for key in changed if key.split(".")[0] not in RESUMABLE_CHANGES]
-    if refused:
-        raise CheckpointError(f"{path}: refusing to resume: "
-                              + ", ".join(f"'{key}' was {before[key]!r}, now {now[key]!r}" for key in refused)
-                              + "; that is another experiment, so give it another run_name (or undo the change)")
-    unrecorded = [key for key in now if key not in before]
-    if changed:
-        logger.warning(f"resuming {path} with changed settings: "
-                       + ", ".join(f"{key} {before[key]!r} -> {now[key]!r}" for key in sorted(changed)))
-    if unrecorded:
-        logger.warning(f"resuming {path}, whose config predates {', '.join(unrecorded)}: taken as unchanged")
-
-
-def process_state(net: nn.Module) -> dict:
-    """What differs between the processes of a run: their random streams (each rank draws its own dropout masks and
-    scales) and their BatchNorm running statistics (the same everywhere only under SyncBatchNorm, not on CPU)."""
-    buffer_names = {name for name, _ in net.named_buffers()}
-    return {"rng": rng_state(),
-            "buffers": {name: value.cpu() for name, value in net.state_dict().items() if name in buffer_names}}
-
-
-def checkpoint_state(net, optimizer, scaler, cfg: dict, progress: dict, miou=None) -> dict | None:
-    """The checkpoint of this moment on rank 0, None elsewhere; every process must call it.
-
-    Each rank's own state is gathered into the one file rather than written to a file per rank: one atomic rename
-    then commits every rank's state at the same iteration, where a kill between per-rank writes would leave a mix."""
-    processes = gather_to_main(process_state(net))
-    if processes is None:
-        return None
-    return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "config": cfg, "processes": processes, "miou": miou, **progress}
-
-
-def recorded_best_miou(best_path: str) -> float:
-    """The mIoU that best.pth was saved with, 0 without one. A new best is written to best.pth before latest.pth
-    records it, so a run killed between the two writes still knows (and keeps) its best."""
-    if not os.path.exists(best_path):
-        return 0.0
-    return load_checkpoint(best_path)["miou"]
-
-
-def resume(path: str, net, optimizer, scaler, cfg: dict, device, iters_per_epoch: int, rank: int, world_size: int,
-           logger) -> dict:
-    """Restore a run from ``path`` (this rank's own random states and statistics); returns where to continue
-    (epoch, step within it, iteration, best mIoU)."""
-    # On the CPU: random states must stay CPU tensors; load_state_dict moves weights and optimizer state to the device.
-    state = load_checkpoint(path, map_location="cpu")
-    check_resume_config(state["config"], cfg, path, logger)
-    # Checkpoints written before each rank's state was saved hold rank 0's random states alone.
-    processes = state["processes"] if "processes" in state else [{"rng": state["rng"]}] * world_size
-    if len(processes) != world_size:
-        raise CheckpointError(f"{path}: refusing to resume: it was trained by {len(processes)} process(es), now "
-                              f"{world_size}; rerun it with NGPUS {len(processes)} (the batch is per process)")
-    own = processes[rank]
-    load_model_state(net, {**state["model"], **own.get("buffers", {})}, path)
-    optimizer.load_state_dict(state["optimizer"])
-    # An empty scaler state was saved with the scaler off (on the CPU); an enabled scaler then starts afresh.
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(own["rng"])
-    progress = {key: state[key] for key in ("epoch", "step", "iteration", "best_miou", "skipped_steps")}
-    if progress["step"] >= iters_per_epoch:
-        progress["epoch"] += 1
-        progress["step"] = 0
-    logger.info(f"resumed from {path}: epoch {progress['epoch']} step {progress['step']}, "
-                f"iteration {progress['iteration']}")
-    return progress
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    cfg, cif_note = without_idle_cif(load_config(args.config, args.overrides))
-    rank, world_size, local_rank, device = init_distributed(force_cpu=args.cpu)
-    is_main = rank == 0
-    stop = StopSignal()
-    check_batch_size(cfg, world_size, device)
-    run_dir = run_directory(cfg, args.overrides)
-    lock, created = None, []
-
-    def claim_run_directory():
-        nonlocal lock, created
-        created = directories_to_create(run_dir)
-        lock, lock_note = lock_run_directory(run_dir)
-        return lock_note, remove_stale_temporaries(run_dir, locked=lock is not None)
-
-    try:
-        lock_note, removed = on_main(claim_run_directory, is_main)
-        train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, lock_note] + [
-            f"removed {name}, left by a save that was killed" for name in removed])
-    except (ConfigError, DatasetError, PretrainedError):
-        # A run that could not start leaves no directory behind, where this launch made it.
-        release_run_directory(lock)
-        lock = None
-        remove_unstarted_run(run_dir, created)
-        raise
-    finally:
-        release_run_directory(lock)
-    cleanup()
+def validate(run: Run, val_set, epoch: int) -> tuple[float, bool]:
+    """The epoch's validation mIoU, logged with its per-class table; whether it is the best so far."""
+    run.net.eval()
+    metric = evaluate(run.net.predict, val_set, run.cfg, run.device, run.amp_dtype, run.rank, run.world_size)
+    miou = metric.miou()
+    is_best = miou > run.progress["best_miou"]
+    run.progress["best_miou"] = max(run.progress["best_miou"], miou)
+    if run.is_main:
+        names = class_names(run.cfg)
+        run.logger.info(f"epoch {epoch} validation ({run.cfg['eval_mode']})\n" + format_iou_table(names, metric.iou())
+                        + f"\nbest mIoU so far {run.progress['best_miou']:.2f}")
+        run.writer.add_scalar("eval/mIoU", miou, epoch)
+        for name, iou in zip(names, metric.iou().tolist()):
+            run.writer.add_scalar(f"eval/IoU/{name}", iou, epoch)
+        run.results.add_evaluation(epoch, run.progress["iteration"], miou, metric.iou().tolist())
+    return miou, is_best
 
 
 def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> None:
@@ -627,19 +403,14 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> No
     seed_everything(cfg["seed"] + rank, cfg["deterministic"])
 
     labeled_set, unlabeled_set, val_set = build_datasets(cfg, cfg["splits_dir"])
-    semi = cfg["train_mode"] == "semi"
     logger.info(f"run {run_dir} | {world_size} process(es) on {device} | "
                 + dataset_summary(cfg, labeled_set, unlabeled_set, val_set))
-    batch = cfg["batch_size"]
-    loaders = (make_loader(labeled_set, cfg, cfg["seed"] + 1, world_size, rank, batch),
-               make_loader(unlabeled_set, cfg, cfg["seed"] + 2, world_size, rank, batch),
-               make_loader(unlabeled_set, cfg, cfg["seed"] + 3, world_size, rank, batch))
-    iters_per_epoch = len(loaders[1]) if semi else len(loaders[0])
+    loaders = train_loaders(cfg, labeled_set, unlabeled_set, rank, world_size)
+    iters_per_epoch = len(loaders[1]) if cfg["train_mode"] == "semi" else len(loaders[0])
     if cfg["iters_per_epoch"] is not None:
         iters_per_epoch = min(iters_per_epoch, cfg["iters_per_epoch"])
     if iters_per_epoch == 0:
-        raise DatasetError(f"split {cfg['split']}: fewer samples per process than batch_size {batch}")
-    total_iters = iters_per_epoch * cfg["epochs"]
+        raise DatasetError(f"split {cfg['split']}: fewer samples per process than batch_size {cfg['batch_size']}")
 
     resuming = broadcast_from_main(os.path.exists(latest))
     # Every node reads latest.pth: a node that cannot would train from another state than the others.
@@ -656,109 +427,74 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> No
         # Buffers are made equal once, here, and then stay each process's own (resume restores them per rank).
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                                     forward_sync_buffers=False)
-    net = model.module if world_size > 1 else model
     amp_dtype = autocast_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    run = Run(cfg, model, optimizer, device, iters_per_epoch * cfg["epochs"],
+              torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype, rank, world_size,
+              iters_per_epoch, stop, logger=logger)
     if is_main:
-        n_params = sum(p.numel() for p in net.parameters()) / 1e6
+        n_params = sum(p.numel() for p in run.net.parameters()) / 1e6
         logger.info(f"model {cfg['backbone']} DeepLabV3+{' + CIF' if cfg['cif'] else ''} ({n_params:.1f}M parameters), "
                     f"amp {amp_dtype}, {iters_per_epoch} iterations x {cfg['epochs']} epochs")
-
-    progress = {"epoch": 0, "step": 0, "iteration": 0, "best_miou": 0.0, "skipped_steps": 0}
     if resuming:
-        progress = resume(latest, net, optimizer, scaler, cfg, device, iters_per_epoch, rank, world_size, logger)
-    best_on_disk = on_main(lambda: recorded_best_miou(best), is_main)
-    if resuming and best_on_disk != progress["best_miou"]:
-        held = f"holds {best_on_disk:.2f}" if os.path.exists(best) else "does not exist"
-        logger.warning(f"{latest} recorded best mIoU {progress['best_miou']:.2f}, but {best} {held}: the best so far "
-                       "is taken from it")
-    progress["best_miou"] = best_on_disk
-    if resuming:
-        logger.info(f"best mIoU so far {best_on_disk:.2f}")
+        run.progress = resume(latest, run.net, optimizer, run.scaler, cfg, iters_per_epoch, rank, world_size, logger)
+    reconcile_best(run.progress, on_main(lambda: recorded_best_miou(best), is_main), latest, best, resuming, logger)
     config_path = os.path.join(run_dir, "config.yaml")
     on_main(lambda: write_atomically(config_path, lambda temporary: dump_config(cfg, temporary)), is_main)
 
     def save(paths: list[str], miou=None) -> None:
-        state = checkpoint_state(net, optimizer, scaler, cfg, progress, miou)
+        state = checkpoint_state(run.net, optimizer, run.scaler, cfg, run.progress, miou)
         on_main(lambda: [save_checkpoint(state, path) for path in paths], is_main)
 
     def save_latest() -> None:
-        ensure_finite(net, progress["iteration"], world_size, device)
+        ensure_finite(run.net, run.progress["iteration"], world_size, device)
         save([latest])
 
-    writer = RunEvents(run_dir) if is_main else None
-    names = class_names(cfg)
-    while progress["epoch"] < cfg["epochs"]:
-        epoch = progress["epoch"]
-        train_one_epoch(model, optimizer, scaler, loaders, cfg, progress, iters_per_epoch, total_iters, device,
-                        amp_dtype, writer, logger, is_main, world_size, save_latest, stop)
-        ensure_finite(net, progress["iteration"], world_size, device)
+    if is_main:
+        run.writer, run.results = RunEvents(run_dir), RunResults(run_dir, cfg, class_names(cfg), run.total_iters)
+    while run.progress["epoch"] < cfg["epochs"]:
+        epoch = run.progress["epoch"]
+        train_one_epoch(run, loaders, save_latest)
+        ensure_finite(run.net, run.progress["iteration"], world_size, device)
         miou, is_best = None, False
         if (epoch + 1) % cfg["eval_interval"] == 0 or epoch == cfg["epochs"] - 1:
-            net.eval()
-            metric = evaluate(net.predict, val_set, cfg, device, amp_dtype, rank, world_size)
-            miou = metric.miou()
-            is_best = miou > progress["best_miou"]
-            progress["best_miou"] = max(progress["best_miou"], miou)
-            if is_main:
-                logger.info(f"epoch {epoch} validation ({cfg['eval_mode']})\n"
-                            + format_iou_table(names, metric.iou())
-                            + f"\nbest mIoU so far {progress['best_miou']:.2f}")
-                writer.add_scalar("eval/mIoU", miou, epoch)
-                for name, iou in zip(names, metric.iou().tolist()):
-                    writer.add_scalar(f"eval/IoU/{name}", iou, epoch)
+            miou, is_best = validate(run, val_set, epoch)
         # best.pth before latest.pth: a kill between the two writes must not leave a recorded best without its file.
         save([best, latest] if is_best else [latest], miou)
-        progress["epoch"] += 1
-        progress["step"] = 0
+        run.progress["epoch"] += 1
+        run.progress["step"] = 0
         if agree([stop.received], world_size, device)[0]:
-            raise Preempted(f"{stop.reason or 'another process was stopped'}: checkpoint written at iteration "
-                            f"{progress['iteration']}; rerun the same command to resume")
+            raise stop.preempted(run.progress["iteration"])
     if is_main:
-        writer.close()
-        logger.info(f"done: best mIoU {progress['best_miou']:.2f}, checkpoints in {run_dir}")
+        run.writer.close()
+        run.results.finish()
+        logger.info(f"done: best mIoU {run.progress['best_miou']:.2f}, checkpoints in {run_dir}")
 
 
-def exit_code(argv=None) -> int:
-    """Run main(); tell a failure in one line (under torchrun through the launcher, once for all processes) and
-    return the exit code: 0 done, 2 bad input or an unusable run directory or disk, 3 a non-finite loss or model,
-    143 stopped with a checkpoint (SIGTERM), 130 interrupted, 1 a lost peer process."""
-    try:
-        main(argv)
-    except (ConfigError, DatasetError, CheckpointError, PretrainedError, RunDirectoryError) as error:
-        report_failure(f"error: {error}")
-        return 2
-    except (NonFiniteLoss, NonFiniteModel) as error:
-        report_failure(f"error: {error}")
-        return 3
-    except Preempted as stopped:
-        if os.environ.get("RANK", "0") == "0":
-            print(str(stopped), file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        # Under torchrun the launcher says it, once.
-        if not under_torchrun():
-            print("interrupted: the last checkpoint is left as it was; rerun the same command to resume",
-                  file=sys.stderr)
-        return 130
-    except RuntimeError as error:
-        # A collective whose peer has ended (NCCL: DistError; gloo: the peer closed its connection) is a consequence;
-        # the launcher prints the peer's own failure instead.
-        text = str(error).strip()
-        peer_gone = isinstance(error, torch.distributed.DistError) or any(words in text for words in (
-            "closed by peer", "reset by peer"))
-        if not (peer_gone and torch.distributed.is_initialized()):
-            raise
-        report_failure(f"error: lost another process of the run ({text.splitlines()[0]})",
-                       caused_by_another_process=True)
-        return 1
-    except OSError as error:
-        if error.filename is None:
-            raise
-        report_failure(f"error: {error.filename}: {error.strerror}")
-        return 2
-    return 0
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/pascal.yaml")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, dotted keys for nested values (loss_weights.strong=0.25)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg, cif_note = without_idle_cif(load_config(args.config, args.overrides))
+    rank, world_size, local_rank, device = init_distributed(force_cpu=args.cpu)
+    stop = StopSignal()
+    check_batch_size(cfg, world_size, device.type)
+    run_dir = run_directory(cfg, args.overrides)
+    with claimed_run_directory(run_dir, rank == 0, START_UP_ERRORS) as notes:
+        train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, *notes])
+    cleanup()
+
+
+def cli(argv=None) -> int:
+    """Train as the command line asks; returns the exit code (util/lifecycle.py lists them)."""
+    return exit_code(main, argv, START_UP_ERRORS)
 
 
 if __name__ == "__main__":
-    sys.exit(exit_code())
+    sys.exit(cli())

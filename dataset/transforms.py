@@ -294,6 +294,14 @@ def release_cutmix_box(size: int, p: float = 0.5, area_range: tuple[float, float
     return box
 
 
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """A normalised (3, H, W) image back to (H, W, 3) uint8 RGB, for pictures."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = ((image.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255)
+    return pixels.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def normalize_pil(image: Image.Image) -> torch.Tensor:
     """RGB image -> float32 (3, H, W) standardised with the ImageNet statistics; through ToTensor's division by 255,
     bit-identical to the release."""

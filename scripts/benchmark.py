@@ -49,11 +49,10 @@ from benchmark_wkv import (LENGTHS, OtherLoad, fast_step, float32_error, median_
 from benchmark_wkv import TARGETS as WKV_TARGETS  # noqa: E402
 from dataset.semi import SemiDataset  # noqa: E402
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, cutmix_box  # noqa: E402
-from eval import averaged_predictor  # noqa: E402
 from model import build_model  # noqa: E402
 from util.config import ConfigError, validate  # noqa: E402
+from util.evaluation import averaged_predictor  # noqa: E402
 from util.inference import predict_probs, predict_sliding_window, window_starts  # noqa: E402
-from util.metrics import MeanIoU  # noqa: E402
 
 NCLASS = 6
 PASCAL_NCLASS = 21  # the GPU default is the Pascal setting: the logits of every view have this many channels
@@ -148,39 +147,26 @@ def synthetic_batches(setup: Setup, seed: int = 0) -> tuple[dict, dict, dict]:
 
 
 class Trainer:
-    """A model and optimizer of one setting; ``step(cfg)`` runs one training iteration of scalematch.py on fixed
-    synthetic batches (forward, loss of Eq. 17, backward, SGD update, through the gradient scaler under fp16)."""
+    """A model and optimizer of one setting; ``step(cfg)`` runs scalematch.train_step, the trainer's own iteration, on
+    fixed synthetic batches (forward, loss of Eq. 17, backward, SGD update, through the gradient scaler under fp16)."""
 
     def __init__(self, setup: Setup, cfg: dict, seed: int = 0):
         self.setup = setup
         torch.manual_seed(seed)
         self.model = build_model(cfg).to(setup.device).train()
         self.optimizer = scalematch.build_optimizer(cfg, self.model)
-        # As scalematch.train: a scaler under fp16 autocast only (a pass-through otherwise).
-        self.scaler = torch.amp.GradScaler("cuda", enabled=setup.amp_dtype == torch.float16)
-        self.criterion = scalematch.labeled_criterion(cfg)
+        # A schedule long enough that the measured steps run at the configured rate.
+        self.run = scalematch.Run(cfg, self.model, self.optimizer, setup.device, total_iters=10 ** 9,
+                                  scaler=torch.amp.GradScaler("cuda", enabled=setup.amp_dtype == torch.float16),
+                                  amp_dtype=setup.amp_dtype)
         self.batches = synthetic_batches(setup, seed)
-        self.quality = {name: MeanIoU(setup.nclass, device=setup.device) for name in ("1x", "average", "cif")}
-
-    def loss(self, cfg: dict) -> torch.Tensor:
-        labeled, unlabeled, partner = self.batches
-        with self.setup.autocast():
-            if cfg["train_mode"] == "semi":
-                # After warm-up, so pseudo-labels come from the configured fusion as in most of training.
-                terms, _, _ = scalematch.semi_supervised_losses(
-                    self.model, labeled, unlabeled, partner, cfg, cfg["warm_up"], self.setup.device, self.criterion,
-                    self.quality)
-            else:
-                terms = {"supervised": self.criterion(self.model(labeled["image"])["pred"], labeled["mask"])}
-        weights = cfg["loss_weights"]
-        unsupervised = sum(weights[name] * value for name, value in terms.items() if name != "supervised")
-        return (terms["supervised"] + unsupervised) / cfg["loss_divisor"]
 
     def step(self, cfg: dict) -> None:
-        loss = self.loss(cfg)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.run.cfg = cfg
+        labeled, unlabeled, partner = self.batches
+        # After warm-up, so pseudo-labels come from the configured fusion as in most of training.
+        scalematch.train_step(self.run, {"labeled": labeled, "unlabeled": unlabeled, "partner": partner},
+                              epoch=cfg["warm_up"])
         # Freed here rather than at the next step's start, so no step's peak includes the last step's gradients.
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -14,6 +14,7 @@ mean * pred_1x + (1 - mean) * pred_v at the image size, the blend of both gates 
 Whole validation images, batch 1, as `eval.py` in `original` mode; prints one Markdown table.
 """
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset.semi import DatasetError, build_val_dataset  # noqa: E402
 from eval import load_trained_model  # noqa: E402
-from util.checkpoint import CheckpointError  # noqa: E402
+from util.checkpoint import CheckpointError, write_atomically  # noqa: E402
 from util.config import ConfigError  # noqa: E402
 
 IGNORE_INDEX = 255
@@ -72,7 +73,7 @@ def gate_figures(total: dict[str, float]) -> dict[str, float]:
 
 
 def gate_row(scale: float, total: dict[str, float]) -> str:
-    """The table row of one scale; scripts/study.py reads these rows (v, mean, std, contested %, right %)."""
+    """The table row of one scale."""
     figures = gate_figures(total)
     return (f"| {scale:g} | {figures['mean gate']:.4f} | {figures['gate std']:.4f} | {figures['contested']:.2%} | "
             f"{figures['gate right']:.2%} | {figures['accuracy 1x']:.2%} | {figures['accuracy v']:.2%} | "
@@ -88,7 +89,8 @@ def predictions(model, val_set, scales: list[float], device: torch.device):
             yield sample["mask"][None].to(device), model(image, image_scales=tuple(scales))
 
 
-def gate_report(model, val_set, scales: list[float], device: torch.device) -> str:
+def gate_totals(model, val_set, scales: list[float], device: torch.device) -> dict[float, dict[str, float]]:
+    """Per scale, the pixel counts of gate_counts summed over the validation set, and right_constant."""
     totals = {scale: dict.fromkeys(COUNTS, 0.0) for scale in scales}
     for mask, out in predictions(model, val_set, scales, device):
         pred_1x = out["pred"].argmax(1)
@@ -102,6 +104,10 @@ def gate_report(model, val_set, scales: list[float], device: torch.device) -> st
         for branch, scale in enumerate(scales):
             totals[scale]["right_constant"] += constant_gate_right(out["pred"], out["pred_scaled"][branch],
                                                                    means[scale], mask)
+    return totals
+
+
+def gate_report(totals: dict[float, dict[str, float]]) -> str:
     rows = ["| v | mean gate | gate std | contested pixels | gate right where contested | accuracy 1x | accuracy v | "
             "accuracy fused | constant gate right where contested | accuracy fused, constant gate |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -115,6 +121,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 2.0])
     parser.add_argument("--data-root", help="dataset root, if it moved since training")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--json", help="also write each scale's figures (fractions) to this file as JSON")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model, cfg, state = load_trained_model(args.checkpoint, device, args.data_root)
@@ -122,7 +129,11 @@ def main() -> None:
         raise SystemExit(f"error: {args.checkpoint} was trained with cif: false, so it has no gate")
     val_set = build_val_dataset(cfg, cfg["splits_dir"], data_root_hint="pass --data-root DIR")
     print(f"checkpoint {args.checkpoint} (epoch {state['epoch']}), {len(val_set)} validation images\n")
-    print(gate_report(model, val_set, args.scales, device))
+    totals = gate_totals(model, val_set, args.scales, device)
+    print(gate_report(totals))
+    if args.json is not None:
+        figures = {f"{scale:g}": gate_figures(total) for scale, total in totals.items()}
+        write_atomically(args.json, lambda temporary: temporary.write_text(json.dumps(figures, indent=1)))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ CSV columns, in this order (one row per finished run; numbers with 2 decimals, g
     date                         when the row was recorded, UTC, to the minute
     machine                      CPU count, processor, torch version
     minutes                      wall clock of the training
-    miou                         validation mIoU at the last epoch (from train.log)
-    miou_x0.5, miou_x1.0, miou_x2.0   eval.py --scales 0.5 1.0 2.0
+    miou                         validation mIoU at the last epoch (the run's results.json)
+    miou_x0.5, miou_x1.0, miou_x2.0   eval.py --scales 0.5 1.0 2.0 (its --json figures, as every eval column)
     multiscale_avg, multiscale_cif    eval.py --multiscale-avg / --multiscale-cif
     gate_V_mean, gate_V_std, gate_V_contested, gate_V_right   for V in 0.25, 0.5, 1.5, 2.0: scripts/cif_gate.py's
                                  mean gate, its std over pixels, % contested pixels, % of them where the gate is right
-    pseudo_label_1x, pseudo_label_average, pseudo_label_cif   pseudo-label mIoU per epoch (train.log), ';'-separated
+    pseudo_label_1x, pseudo_label_average, pseudo_label_cif   pseudo-label mIoU per epoch (results.json), ';'-separated
 The multiscale and gate columns are empty for runs without a trained CIF gate (cif: false, or train_mode:
-supervised, which never trains it); a pseudo-label column is empty when train.log has no such curve.
+supervised, which never trains it); a pseudo-label column is empty when results.json has no such curve.
 
 Resuming: a run whose key the CSV holds when it is reached is skipped (neither trained nor evaluated). The CSV is
 read again before each run, so two study processes can share it; give them different runs, since two that start the
@@ -41,6 +41,7 @@ import csv
 import datetime
 import importlib.metadata
 import io
+import json
 import math
 import os
 import platform
@@ -51,6 +52,9 @@ import sys
 import time
 
 import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from util.results import RESULTS_NAME, load_results  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,39 +175,50 @@ def train_run(run_dir: str, overrides: list[str], seed: int, exp_dir: str, split
     return minutes
 
 
-def miou_of(output: str) -> float:
-    return float(re.findall(r"^mIoU\s+([\d.]+)", output, re.M)[-1])
+def last_miou(results: dict) -> float:
+    """The last epoch's validation mIoU of a run's results.json: the budget's end (best-epoch selection on val
+    would flatter every method)."""
+    return results["final_miou"]
 
 
-def pseudo_label_curves(log: str) -> dict[str, list[float]]:
-    """Pseudo-label mIoU per epoch and source; a resumed run may log an epoch twice, the last line counts."""
-    per_epoch: dict[str, dict[int, float]] = {}
-    for epoch, figures in re.findall(r"epoch (\d+) pseudo-label mIoU on unlabeled images: (.*)", log):
-        for source, value in re.findall(r"(1x|average|cif) ([\d.]+)", figures):
-            per_epoch.setdefault(source, {})[int(epoch)] = float(value)
-    return {source: [values[epoch] for epoch in sorted(values)] for source, values in per_epoch.items()}
+def pseudo_label_curves(results: dict) -> dict[str, list[float]]:
+    """Pseudo-label mIoU per epoch and source, from a run's results.json."""
+    return {source: [values[epoch] for epoch in sorted(values, key=int)]
+            for source, values in results["pseudo_label_miou"].items()}
 
 
-def evaluate(run_dir: str, *flags: str) -> str:
-    return command_output([sys.executable, "eval.py", "--cpu", "--checkpoint", os.path.join(run_dir, "latest.pth"),
-                           *flags])
+def evaluate(run_dir: str, name: str, *flags: str) -> dict:
+    """eval.py's figures of the run's latest.pth (its --json output, kept in the run directory as NAME.json)."""
+    path = os.path.join(run_dir, f"{name}.json")
+    command_output([sys.executable, "eval.py", "--cpu", "--checkpoint", os.path.join(run_dir, "latest.pth"),
+                    "--json", path, *flags])
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def scale_mious(run_dir: str) -> list[float]:
-    output = evaluate(run_dir, "--scales", *map(str, SCALES))
-    return [float(re.search(rf"^\s*{scale:.2f}\s+([\d.]+)", output, re.M).group(1)) for scale in SCALES]
+    figures = evaluate(run_dir, "eval_scales", "--scales", *map(str, SCALES))
+    return [figures["scales"][f"{scale:g}"] for scale in SCALES]
 
 
-def gate_columns(output: str) -> dict[str, str]:
-    """The gate columns from scripts/cif_gate.py's table (v, mean gate, gate std, contested %, right %, ...)."""
-    found = {float(v): figures for v, *figures in
-             re.findall(r"^\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \| ([\d.]+)% \|", output, re.M)}
+def gate_columns(figures: dict) -> dict[str, str]:
+    """The gate columns from scripts/cif_gate.py's --json figures (fractions, recorded as percentages)."""
     columns = {}
     for scale in GATE_SCALES:
-        mean, std, contested, right = map(float, found[scale])
-        columns.update({f"gate_{scale}_mean": f"{mean:.4f}", f"gate_{scale}_std": f"{std:.4f}",
-                        f"gate_{scale}_contested": f"{contested:.2f}", f"gate_{scale}_right": f"{right:.2f}"})
+        scale_figures = figures[f"{scale:g}"]
+        columns.update({f"gate_{scale}_mean": f"{scale_figures['mean gate']:.4f}",
+                        f"gate_{scale}_std": f"{scale_figures['gate std']:.4f}",
+                        f"gate_{scale}_contested": f"{100 * scale_figures['contested']:.2f}",
+                        f"gate_{scale}_right": f"{100 * scale_figures['gate right']:.2f}"})
     return columns
+
+
+def gate_figures_of(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "cif_gate.json")
+    command_output([sys.executable, "scripts/cif_gate.py", "--cpu", "--checkpoint", os.path.join(run_dir, "latest.pth"),
+                    "--json", path, "--scales", *map(str, GATE_SCALES)])
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def trains_gate(run_dir: str) -> bool:
@@ -214,20 +229,19 @@ def trains_gate(run_dir: str) -> bool:
 
 
 def evaluate_run(run_dir: str) -> dict[str, str]:
-    """The figure columns of one finished run."""
-    with open(os.path.join(run_dir, "train.log")) as handle:
-        log = handle.read()
-    # The last epoch's mIoU: the budget's end (best-epoch selection on val would flatter every method).
-    columns = {"miou": f"{miou_of(log):.2f}"}
+    """The figure columns of one finished run, from its results.json and the --json figures of eval.py and
+    scripts/cif_gate.py."""
+    results = load_results(run_dir)
+    if results is None:
+        raise SystemExit(f"error: {run_dir} has no {RESULTS_NAME}; was it trained by this version of scalematch.py?")
+    columns = {"miou": f"{last_miou(results):.2f}"}
     columns.update({f"miou_x{scale}": f"{miou:.2f}" for scale, miou in zip(SCALES, scale_mious(run_dir))})
     columns.update({f"pseudo_label_{source}": ";".join(f"{value:.2f}" for value in curve)
-                    for source, curve in pseudo_label_curves(log).items()})
+                    for source, curve in pseudo_label_curves(results).items()})
     if trains_gate(run_dir):
-        columns["multiscale_avg"] = f"{miou_of(evaluate(run_dir, '--multiscale-avg')):.2f}"
-        columns["multiscale_cif"] = f"{miou_of(evaluate(run_dir, '--multiscale-cif')):.2f}"
-        columns.update(gate_columns(command_output(
-            [sys.executable, "scripts/cif_gate.py", "--cpu", "--checkpoint", os.path.join(run_dir, "latest.pth"),
-             "--scales", *map(str, GATE_SCALES)])))
+        columns["multiscale_avg"] = f"{evaluate(run_dir, 'eval_multiscale_avg', '--multiscale-avg')['miou']:.2f}"
+        columns["multiscale_cif"] = f"{evaluate(run_dir, 'eval_multiscale_cif', '--multiscale-cif')['miou']:.2f}"
+        columns.update(gate_columns(gate_figures_of(run_dir)))
     return columns
 
 

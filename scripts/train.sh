@@ -3,7 +3,7 @@
 #   bash scripts/train.sh pascal 1_16 4                # torchrun, 4 GPUs
 #   bash scripts/train.sh synthetic 1_16 1 epochs=5    # one process (GPU if present, else CPU)
 #   bash scripts/train.sh synthetic 1_16 0             # NGPUS=0: CPU
-# Across nodes, run the same command on every node with the rendezvous variables set (util/dist.py):
+# Across nodes, run the same command on every node with the rendezvous variables set (util/launcher.py):
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 MASTER_PORT=29500 bash scripts/train.sh pascal 1_16 4   # on host0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 MASTER_PORT=29500 bash scripts/train.sh pascal 1_16 4   # on host1
 # Extra key=value arguments override the config (dotted keys for nested values).
@@ -30,6 +30,6 @@ if [ "$ngpus" -eq 0 ]; then device_flag=(--cpu); fi
 if [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ] && [ -z "${RDZV_ENDPOINT:-}" ] && [ "$ngpus" -le 1 ]; then
     exec python scalematch.py --config "$config" ${device_flag[@]+"${device_flag[@]}"} "split=$split" "$@"
 fi
-# util.dist runs torchrun (one node, or this node of several) and prints a failure once, not once per process.
-exec python -m util.dist "$(( ngpus > 1 ? ngpus : 1 ))" \
+# util.launcher runs torchrun (one node, or this node of several) and prints a failure once, not once per process.
+exec python -m util.launcher "$(( ngpus > 1 ? ngpus : 1 ))" \
     scalematch.py --config "$config" ${device_flag[@]+"${device_flag[@]}"} "split=$split" "$@"

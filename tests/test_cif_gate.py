@@ -1,4 +1,5 @@
 """scripts/cif_gate.py: how often the trained CIF gate leans to the right scale where 1x and v disagree."""
+import json
 import math
 import sys
 
@@ -9,7 +10,8 @@ from model import build_model
 from util.config import validate
 
 sys.path.insert(0, "scripts")
-from cif_gate import COUNTS, constant_gate_right, gate_counts, gate_figures, gate_report, gate_row  # noqa: E402
+from cif_gate import (COUNTS, constant_gate_right, gate_counts, gate_figures, gate_report,  # noqa: E402
+                      gate_totals)
 from study import GATE_SCALES, gate_columns  # noqa: E402
 
 
@@ -60,8 +62,8 @@ def test_gate_std_is_over_the_valid_pixels_of_every_batch():
     figures = gate_figures(total)
     assert abs(figures["mean gate"] - expected.mean().item()) < 1e-6
     assert abs(figures["gate std"] - expected.std(unbiased=False).item()) < 1e-6
-    # scripts/study.py reads the printed rows back: mean and std with 4 decimals, percentages with 2.
-    columns = gate_columns("\n".join(gate_row(scale, total) for scale in GATE_SCALES))
+    # scripts/study.py records the --json figures: mean and std with 4 decimals, percentages with 2.
+    columns = gate_columns({f"{scale:g}": figures for scale in GATE_SCALES})
     assert columns["gate_0.5_std"] == f"{expected.std(unbiased=False).item():.4f}"
     assert columns["gate_2.0_right"] == f"{100 * total['gate_right'] / total['contested']:.2f}"
 
@@ -74,11 +76,12 @@ def test_cif_gate_prints_a_row_per_scale(tiny_voc, tmp_path):
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "epoch": 0}, tmp_path / "cif.pth")
     out = run([sys.executable, "scripts/cif_gate.py", "--checkpoint", str(tmp_path / "cif.pth"), "--cpu",
-               "--scales", *map(str, GATE_SCALES)]).stdout
+               "--json", str(tmp_path / "gate.json"), "--scales", *map(str, GATE_SCALES)]).stdout
     rows = [line for line in out.splitlines() if line.startswith(("| 0.25 ", "| 0.5 ", "| 1.5 ", "| 2 "))]
     assert len(rows) == 4
-    columns = gate_columns(out)  # what scripts/study.py records from this output
+    columns = gate_columns(json.loads((tmp_path / "gate.json").read_text()))  # what scripts/study.py records
     assert columns["gate_1.5_std"] == rows[2].split("|")[3].strip()
+    assert columns["gate_2.0_right"] == rows[3].split("|")[5].strip().rstrip("%")
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert len(cells) == 10 and 0 <= float(cells[1]) <= 1 and 0 <= float(cells[2]) <= 0.5  # mean gate, gate std
@@ -115,7 +118,7 @@ def test_a_gate_that_is_constant_matches_the_constant_gate_columns():
                 out = model(image[None], image_scales=(2.0,))
             mask = torch.cat((out["pred"].argmax(1)[0, :, :24], out["pred_scaled"][0].argmax(1)[0, :, 24:]), dim=1)
             val_set.append({"image": image, "mask": mask})
-        rows = gate_report(model, val_set, list(GATE_SCALES), torch.device("cpu"))
+        rows = gate_report(gate_totals(model, val_set, list(GATE_SCALES), torch.device("cpu")))
         cells = {float(row.split("|")[1]): [cell.strip() for cell in row.strip("|").split("|")]
                  for row in rows.splitlines()[2:]}
         for scale, row in cells.items():

@@ -20,9 +20,9 @@ from eval import load_trained_model
 from model import build_model
 from model.rwkv import bi_wkv, bi_wkv_reference
 from test_rwkv import FORWARD_TOLERANCE, GRAD_TOLERANCE, KINDS, gradients, make_inputs, relative_error
-from test_train_step import NCLASS, batches, config, total_loss
+from test_trainer import batch_of, config
 from util.inference import center_crop, predict_probs
-from util.metrics import MeanIoU
+from util.evaluation import autocast_dtype
 
 pytestmark = pytest.mark.cuda
 
@@ -115,18 +115,16 @@ def test_bi_wkv_under_autocast(dtype):
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
 def test_scalematch_steps_under_autocast(dtype):
-    """Steps as scalematch.train_one_epoch takes them on a GPU: semi_supervised_losses under autocast, the loss of
-    Eq. 17, backward, optimizer step and update through the GradScaler (enabled for float16 only, as in training),
-    until ten steps were applied."""
+    """scalematch.train_step on a GPU: the loss terms under autocast, the loss of Eq. 17, backward, optimizer step and
+    update through the GradScaler (enabled for float16 only, as in training), until ten steps were applied."""
     cfg = config(lr=0.05, lr_multi=1.0, img_scales=[0.5, 2.0], conf_thresh=0.95,
                  amp_dtype=str(dtype).removeprefix("torch."))
-    assert scalematch.autocast_dtype(cfg, CUDA) == dtype
+    assert autocast_dtype(cfg, CUDA) == dtype
     torch.manual_seed(0)
     random.seed(0)
     model = build_model(cfg).to(CUDA).train()
-    optimizer = scalematch.build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    criterion = scalematch.labeled_criterion(cfg)
+    run = scalematch.Run(cfg, model, scalematch.build_optimizer(cfg, model), CUDA, total_iters=10_000,
+                         scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16), amp_dtype=dtype)
     conv_dtypes = set()
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda module, inputs, output: conv_dtypes.add(output.dtype))
@@ -134,21 +132,13 @@ def test_scalematch_steps_under_autocast(dtype):
     # fp16's scaler starts at 2^16 and halves its scale at each step whose gradients overflow, skipping that step:
     # ten skips bring it to 64.
     while applied < 10 and len(losses) < 20:
-        quality = {name: MeanIoU(NCLASS, device=CUDA) for name in ("1x", "average", "cif")}
-        with torch.autocast("cuda", dtype=dtype):
-            terms, _, _ = scalematch.semi_supervised_losses(model, *batches(), cfg, 0, CUDA, criterion, quality)
-        loss = total_loss(cfg, terms)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        # Unscaled here to read the gradients; scaler.step then does not unscale again.
-        scaler.unscale_(optimizer)
+        output = scalematch.train_step(run, batch_of(), epoch=0)
+        # scaler.step unscaled the gradients in place; a non-finite one made it skip the step.
         named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
-        if all(torch.isfinite(grad).all() for _, grad in named):  # otherwise the scaler skips the step
+        if all(torch.isfinite(grad).all() for _, grad in named):
             applied += 1
             with_gradient |= {name for name, grad in named if grad.abs().sum() > 0}
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(loss.item())
+        losses.append(output.loss.item())
     assert conv_dtypes == {dtype}
     assert all(math.isfinite(value) for value in losses), losses
     assert applied == 10 and (dtype == torch.float16 or len(losses) == 10), f"{applied} of {len(losses)} applied"
@@ -249,7 +239,7 @@ def test_gpu_predictions_match_the_cpu(gpu_run, setting):
     checkpoint = os.path.join(gpu_run[1], "best.pth")
     on_gpu, cfg, _ = load_trained_model(checkpoint, CUDA)
     models = {"cuda": on_gpu, "cpu": load_trained_model(checkpoint, torch.device("cpu"))[0]}
-    assert scalematch.autocast_dtype(cfg, CUDA) == torch.float16
+    assert autocast_dtype(cfg, CUDA) == torch.float16
     val_set = build_val_dataset(cfg, cfg["splits_dir"])
 
     def probabilities(device: str, image: torch.Tensor) -> torch.Tensor:

@@ -128,16 +128,16 @@ def run_in_process(tiny_voc, exp_dir, *overrides):
 
 def poison_isvc_at(monkeypatch, bad_iteration):
     """Make the ISVC term NaN at one iteration, as a diverging run would."""
-    real = scalematch.semi_supervised_losses
+    real = scalematch.semi_supervised_terms
     calls = []
 
     def poisoned(*args, **kwargs):
-        terms, extras, pictures = real(*args, **kwargs)
+        output = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == bad_iteration:
-            terms["isvc"] = terms["isvc"] * float("nan")
-        return terms, extras, pictures
-    monkeypatch.setattr(scalematch, "semi_supervised_losses", poisoned)
+            output.terms["isvc"] = output.terms["isvc"] * float("nan")
+        return output
+    monkeypatch.setattr(scalematch, "semi_supervised_terms", poisoned)
 
 
 def test_nonfinite_loss_stops_and_leaves_the_checkpoint(tiny_voc, tmp_path, monkeypatch):
@@ -203,19 +203,19 @@ def train_args(tiny_voc, exp_dir, *overrides):
 def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(tiny_voc, tmp_path, monkeypatch):
     """Step 2's images hold inf, so its forward passes would make the running statistics NaN; skipped, the step must
     leave them as they were (before, they stayed NaN and the run still ended 'done')."""
-    real = scalematch.semi_supervised_losses
+    real = scalematch.semi_supervised_terms
     before_step_2, calls = {}, []
 
-    def inf_images_at_step_2(model, labeled, *args, **kwargs):
+    def inf_images_at_step_2(model, batch, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             before_step_2.update({name: value.clone() for name, value in model.state_dict().items()
                                   if "running" in name or "num_batches" in name})
-            labeled = {**labeled, "image": labeled["image"] * float("inf")}
-        return real(model, labeled, *args, **kwargs)
+            batch = {**batch, "labeled": {**batch["labeled"], "image": batch["labeled"]["image"] * float("inf")}}
+        return real(model, batch, *args, **kwargs)
 
     latest = os.path.join(tmp_path, "pascal", "tiny", "nan", "latest.pth")
-    monkeypatch.setattr(scalematch, "semi_supervised_losses", inf_images_at_step_2)
+    monkeypatch.setattr(scalematch, "semi_supervised_terms", inf_images_at_step_2)
     scalematch.main(train_args(tiny_voc, tmp_path, "on_nonfinite_loss=skip"))
     state = torch.load(latest, weights_only=True)
     assert state["skipped_steps"] == 1 and state["iteration"] == 2
@@ -224,7 +224,7 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(tiny_voc, tmp_p
 
 def test_a_model_gone_non_finite_stops_before_it_is_evaluated_or_saved(tiny_voc, tmp_path, monkeypatch, capsys):
     """A finite loss does not make a finite model: a run whose weights or statistics hold NaN must not end 'done'."""
-    real = scalematch.semi_supervised_losses
+    real = scalematch.semi_supervised_terms
     calls = []
 
     def poisoned_statistics_at_step_2(model, *args, **kwargs):
@@ -234,8 +234,8 @@ def test_a_model_gone_non_finite_stops_before_it_is_evaluated_or_saved(tiny_voc,
         return real(model, *args, **kwargs)
 
     latest = os.path.join(tmp_path, "pascal", "tiny", "nan", "latest.pth")
-    monkeypatch.setattr(scalematch, "semi_supervised_losses", poisoned_statistics_at_step_2)
-    assert scalematch.exit_code(train_args(tiny_voc, tmp_path, "on_nonfinite_loss=skip")) == 3
+    monkeypatch.setattr(scalematch, "semi_supervised_terms", poisoned_statistics_at_step_2)
+    assert scalematch.cli(train_args(tiny_voc, tmp_path, "on_nonfinite_loss=skip")) == 3
     assert last_line(capsys.readouterr().err) == (
         "error: iteration 2: the model holds NaN/inf (segmenter.aspp.project.1.running_mean); the last checkpoint is "
         "left as it was")
@@ -295,7 +295,7 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_checkpoint(tiny_voc, tmp_pa
         real_save(obj, file)
 
     monkeypatch.setattr(torch, "save", full_from_the_third_save)
-    assert scalematch.exit_code(train_args(tiny_voc, tmp_path)) == 2
+    assert scalematch.cli(train_args(tiny_voc, tmp_path)) == 2
     latest = os.path.join(tmp_path, "pascal", "tiny", "nan", "latest.pth")
     assert last_line(capsys.readouterr().err) == (f"error: {latest}: cannot write it (No space left on device); the "
                                                   "previous one is left as it was")
@@ -316,7 +316,7 @@ def test_a_read_only_run_directory_stops_in_one_line(tiny_voc, tmp_path, monkeyp
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
-    assert scalematch.exit_code(train_args(tiny_voc, tmp_path, "epochs=2")) == 2
+    assert scalematch.cli(train_args(tiny_voc, tmp_path, "epochs=2")) == 2
     monkeypatch.undo()
     assert last_line(capsys.readouterr().err) == (f"error: {run_dir}/run.lock: cannot create the run directory or its "
                                                   "lock (Read-only file system)")

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, command_env, run, train, train_command
 from test_fault_tolerance import checkpoint_iteration, differing_tensors
-from util.dist import LaunchError, _root_cause, rendezvous_args
+from util.launcher import LaunchError, _root_cause, rendezvous_args
 
 EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0", "log_interval=1"]
 
@@ -120,7 +120,7 @@ def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_tw
     assert two_nodes["best_miou"] == one_node["best_miou"]
 
     # eval.py across the two nodes counts every validation image once: the table one process prints.
-    evaluate = [sys.executable, "-m", "util.dist", "1", "eval.py", "--checkpoint", str(latest), "--cpu"]
+    evaluate = [sys.executable, "-m", "util.launcher", "1", "eval.py", "--checkpoint", str(latest), "--cpu"]
     codes, outputs = finish(start_nodes(evaluate, free_port()))
     assert codes == [0, 0], outputs
     alone = run([sys.executable, "eval.py", "--checkpoint", str(latest), "--cpu"])

@@ -12,10 +12,12 @@ import pytest
 import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
-import scalematch
 from conftest import REPO, command_env, train, train_command, write_tiny_voc
 from test_fault_tolerance import checkpoint_iteration, child_pids
+from util.config import ConfigError, check_batch_size, without_idle_cif
+from util.events import RunEvents
 from util.logging import setup_logger
+from util.run_dir import run_directory
 
 
 def config(**changes):
@@ -28,22 +30,22 @@ def test_runs_differing_past_a_long_command_line_get_their_own_directories():
     """Before, the name was the overrides cut to 120 characters: runs differing only in a later key (here seed)
     shared one directory and the second 'resumed' the first."""
     long = [f"data_root=/data/{'x' * 60}", f"splits_dir=/splits/{'y' * 60}", "lr=0.001"]
-    first = scalematch.run_directory(config(seed=0), long + ["seed=0"])
-    second = scalematch.run_directory(config(seed=1), long + ["seed=1"])
+    first = run_directory(config(seed=0), long + ["seed=0"])
+    second = run_directory(config(seed=1), long + ["seed=1"])
     assert first != second
-    assert first == scalematch.run_directory(config(seed=0), long + ["seed=0"])
+    assert first == run_directory(config(seed=0), long + ["seed=0"])
     assert os.path.basename(first).startswith("data_root=_data_xxx")
 
 
 def test_the_run_name_hashes_the_resolved_experiment_not_the_command():
-    default = scalematch.run_directory(config(), [])
+    default = run_directory(config(), [])
     assert os.path.basename(default).startswith("default-")
     # A changed config file or nested key is another experiment, though the command line is the same.
-    assert scalematch.run_directory(config(lr=0.002), []) != default
-    assert scalematch.run_directory(config(loss_weights={"strong": 0.5}), []) != default
+    assert run_directory(config(lr=0.002), []) != default
+    assert run_directory(config(loss_weights={"strong": 0.5}), []) != default
     # Settings that only watch the run find the same one.
-    assert scalematch.run_directory(config(workers=0, log_interval=1), ["workers=0", "log_interval=1"]) == default
-    assert scalematch.run_directory(config(run_name="mine"), []) == os.path.join("exp", "pascal", "1_16", "mine")
+    assert run_directory(config(workers=0, log_interval=1), ["workers=0", "log_interval=1"]) == default
+    assert run_directory(config(run_name="mine"), []) == os.path.join("exp", "pascal", "1_16", "mine")
 
 
 def test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over(tiny_voc, tmp_path):
@@ -181,10 +183,10 @@ def test_supervised_only_trains_under_torchrun_without_a_cif(tiny_voc, tmp_path)
 
 def test_without_a_rescaled_view_the_cif_is_left_out():
     cfg = {"train_mode": "semi", "cif": True, "isvc": False, "fusion": "none"}
-    assert scalematch.without_idle_cif(cfg) == ({**cfg, "cif": False}, "cif: false, since with isvc off and fusion "
+    assert without_idle_cif(cfg) == ({**cfg, "cif": False}, "cif: false, since with isvc off and fusion "
                                                 "none (no rescaled view) nothing would train it")
     trained = {"train_mode": "semi", "cif": True, "isvc": False, "fusion": "cif"}
-    assert scalematch.without_idle_cif(trained) == (trained, None)
+    assert without_idle_cif(trained) == (trained, None)
 
 
 @pytest.mark.parametrize("overrides", [["train_mode=supervised"], ["strong_views=1"]])
@@ -209,9 +211,9 @@ def test_a_batch_of_one_trains_where_every_pass_holds_two_images(tiny_voc, tmp_p
 
 def test_batch_size_one_is_accepted_where_syncbatchnorm_pools_the_gpus():
     cfg = {"batch_size": 1, "strong_views": 1, "train_mode": "semi"}
-    scalematch.check_batch_size(cfg, 2, torch.device("cuda", 0))
-    with pytest.raises(scalematch.ConfigError, match="^batch_size 1 on 2 CPU processes, whose BatchNorm is not "):
-        scalematch.check_batch_size(cfg, 2, torch.device("cpu"))
+    check_batch_size(cfg, 2, "cuda")
+    with pytest.raises(ConfigError, match="^batch_size 1 on 2 CPU processes, whose BatchNorm is not "):
+        check_batch_size(cfg, 2, "cpu")
 
 
 def test_a_full_disk_under_train_log_is_one_warning_and_the_console_log_goes_on(tmp_path, capsys):
@@ -240,7 +242,7 @@ def test_a_full_disk_under_the_tensorboard_events_is_one_warning_and_the_run_goe
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    events = scalematch.RunEvents(str(tmp_path))
+    events = RunEvents(str(tmp_path))
     events.add_scalar("train/loss", 2.0, 0)
     events.writer.flush()
     monkeypatch.setattr(LocalFileSystem, "_write", full)
@@ -255,7 +257,7 @@ def test_a_full_disk_under_the_tensorboard_events_is_one_warning_and_the_run_goe
     assert capsys.readouterr().err == (f"warning: {tmp_path}: cannot write the TensorBoard events (No space left on "
                                        "device); the run goes on without them\n")
     # A disk already full when the run starts: SummaryWriter writes its first record at once.
-    starting = scalematch.RunEvents(str(tmp_path / "later"))
+    starting = RunEvents(str(tmp_path / "later"))
     starting.add_scalar("train/loss", 1.0, 1)
     starting.close()
     assert capsys.readouterr().err == (f"warning: {tmp_path / 'later'}: cannot write the TensorBoard events (No space "

@@ -2,6 +2,7 @@
 here: where a test reaches the training step, its override (not_a_key=1) makes train.sh fail at once."""
 import argparse
 import importlib.util
+import json
 import os
 import sys
 
@@ -177,22 +178,21 @@ def test_a_finished_run_directory_is_recorded_without_training(tmp_path, monkeyp
     assert recorded["overrides"] == "" and recorded["commit"]
 
 
-def test_pseudo_label_curves_keep_the_last_line_of_an_epoch():
-    log = ("2026-12-02 17:42:34 INFO epoch 0 pseudo-label mIoU on unlabeled images: 1x 10.00, cif 11.50\n"
-           "2026-12-02 17:43:34 INFO epoch 1 pseudo-label mIoU on unlabeled images: 1x 12.00, cif 13.00\n"
-           "2026-12-02 17:44:34 INFO epoch 1 pseudo-label mIoU on unlabeled images: 1x 14.00, cif 15.00\n")
-    assert study.pseudo_label_curves(log) == {"1x": [10.0, 14.0], "cif": [11.5, 15.0]}
+def test_pseudo_label_curves_come_from_results_json_in_epoch_order():
+    results = {"pseudo_label_miou": {"1x": {"10": 14.0, "2": 12.0, "0": 10.0}, "cif": {"0": 11.5, "2": 15.0}}}
+    assert study.pseudo_label_curves(results) == {"1x": [10.0, 12.0, 14.0], "cif": [11.5, 15.0]}
 
 
-def test_evaluate_run_reads_train_log_and_eval_output(tiny_voc, tmp_path):
+def test_evaluate_run_reads_results_json_and_eval_json(tiny_voc, tmp_path):
     """A finished run's figure columns, through the real eval.py on a tiny untrained model. Supervised: it never
     trains its gate, so eval.py runs once (--scales) and the gate columns stay empty (test_cif_gate.py reads
-    scripts/cif_gate.py's real output with study.gate_columns)."""
+    scripts/cif_gate.py's real --json output with study.gate_columns)."""
     import torch
     import yaml
 
     from model import build_model
     from util.config import validate
+    from util.results import RunResults
 
     data_root, splits_dir = tiny_voc
     cfg = validate({"dataset": "pascal", "data_root": data_root, "splits_dir": splits_dir, "split": "tiny",
@@ -206,13 +206,19 @@ def test_evaluate_run_reads_train_log_and_eval_output(tiny_voc, tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert not study.trains_gate(str(tmp_path))
 
+    with pytest.raises(SystemExit, match="has no results.json"):
+        study.evaluate_run(str(tmp_path))
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "epoch": 1}, tmp_path / "latest.pth")
-    (tmp_path / "train.log").write_text(
-        "x INFO epoch 0 pseudo-label mIoU on unlabeled images: 1x 10.00, cif 11.00\nmIoU              12.00\n"
-        "x INFO epoch 1 pseudo-label mIoU on unlabeled images: 1x 13.00, cif 14.00\nmIoU              15.50\n")
+    results = RunResults(str(tmp_path), cfg, ["c"] * 21, 4)
+    results.add_pseudo_label_miou(0, {"1x": 10.0, "cif": 11.0})
+    results.add_evaluation(0, 2, 12.0, [12.0] * 21)
+    results.add_pseudo_label_miou(1, {"1x": 13.0, "cif": 14.0})
+    results.add_evaluation(1, 4, 15.5, [15.5] * 21)
     columns = study.evaluate_run(str(tmp_path))
     assert set(columns) == {"miou", "miou_x0.5", "miou_x1.0", "miou_x2.0", "pseudo_label_1x", "pseudo_label_cif"}
     assert columns["miou"] == "15.50"  # the last epoch's
     assert columns["pseudo_label_1x"] == "10.00;13.00" and columns["pseudo_label_cif"] == "11.00;14.00"
-    assert all(0 <= float(columns[f"miou_x{scale}"]) <= 100 for scale in study.SCALES)
+    figures = json.loads((tmp_path / "eval_scales.json").read_text())
+    assert [columns[f"miou_x{scale}"] for scale in study.SCALES] == [
+        f"{figures['scales'][f'{scale:g}']:.2f}" for scale in study.SCALES]

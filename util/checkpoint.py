@@ -1,30 +1,23 @@
-"""Checkpoints and run directories: atomic saving, safe (weights-only) loading, the run lock, finding the newest run."""
+"""Checkpoint files: atomic saving (temporary file, fsync, rename), safe (weights-only) loading, fitting a state to a
+network with one-line errors."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import pickle
 import re
-import socket
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-LOCK_NAME = "run.lock"
 # save_checkpoint's temporaries: .NAME.PID.tmp beside NAME.
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be read or written, told in one line naming the file."""
-
-
-class RunDirectoryError(Exception):
-    """A run directory that cannot be used (another live run holds it, or it cannot be written), in one line."""
 
 
 def _fsync(path: str | os.PathLike) -> None:
@@ -128,118 +121,3 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     if problems:
         raise CheckpointError(f"{path}: its tensors do not fit the network of its config: {'; '.join(problems)}")
     model.load_state_dict(state_dict)
-
-
-def find_latest_run(exp_dir: str | os.PathLike) -> Path | None:
-    """The run directory anywhere under `exp_dir` (runs live in exp/DATASET/SPLIT/NAME) whose best.pth or
-    latest.pth was written last, or None."""
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        return None
-    checkpoints = [file for name in ("best.pth", "latest.pth") for file in exp_dir.glob(f"**/{name}") if file.is_file()]
-    if not checkpoints:
-        return None
-    return max(checkpoints, key=lambda file: (file.stat().st_mtime_ns, str(file))).parent
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
-
-
-def lock_run_directory(run_dir: str | os.PathLike) -> tuple[int | None, str | None]:
-    """Create `run_dir` if needed and lock it for as long as this process lives, so that a second launch of the same
-    run is refused instead of overwriting its checkpoints. Returns the lock's file descriptor (closing it releases the
-    lock) and a line for the log, or None: who held the lock before, or why the directory could not be locked.
-
-    RUN_DIR/run.lock holds the owner's pid and host. It is a POSIX record lock (lockf): the kernel drops it when its
-    owner dies, however it dies (so a killed run's lock is taken over at once), forked data loader workers do not
-    inherit it, and NFS shares it between hosts.
-    """
-    path = os.path.join(run_dir, LOCK_NAME)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise RunDirectoryError(f"{error.filename or path}: cannot create the run directory or its lock "
-                                f"({error.strerror})") from None
-    owner = os.pread(descriptor, 256, 0).decode(errors="replace").split()
-    holder = f"process {owner[0]} on {owner[1]}" if len(owner) == 2 else "another process"
-    try:
-        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno in (errno.EACCES, errno.EAGAIN):
-            os.close(descriptor)
-            raise RunDirectoryError(f"{run_dir} is in use by {holder} (see its {LOCK_NAME}): wait for that run to "
-                                    "end, or give this one another run_name") from None
-        # A filesystem without locks (some cluster mounts) must not stop training; the log says what is lost.
-        os.close(descriptor)
-        return None, (f"{path}: cannot lock the run directory ({error.strerror}), so a second launch of this run "
-                      "would not be refused")
-    try:
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-    except OSError as error:
-        os.close(descriptor)
-        raise RunDirectoryError(f"{path}: cannot write the run lock ({error.strerror})") from None
-    taken_over = f"took over {path} from {holder}, which no longer runs" if len(owner) == 2 else None
-    return descriptor, taken_over
-
-
-def directories_to_create(run_dir: str | os.PathLike) -> list[str]:
-    """`run_dir` and those of its parents that do not exist yet, deepest first."""
-    missing, path = [], os.path.abspath(run_dir)
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
-
-
-# What a run writes before its first checkpoint.
-START_UP_FILES = re.compile(r"^(run\.lock|train\.log|config\.yaml|events\.out\.tfevents\..*)$")
-
-
-def remove_unstarted_run(run_dir: str | os.PathLike, created: list[str]) -> None:
-    """Remove the directories of `created` (directories_to_create's list, taken before the run made them) again, after
-    a start-up failure: a run directory that holds nothing but start-up files, then each parent left empty."""
-    if not created or not os.path.isdir(run_dir):
-        return
-    if any(not START_UP_FILES.match(name) for name in os.listdir(run_dir)):
-        return
-    with contextlib.suppress(OSError):
-        for name in os.listdir(run_dir):
-            os.unlink(os.path.join(run_dir, name))
-        for directory in created:
-            os.rmdir(directory)
-
-
-def release_run_directory(descriptor: int | None) -> None:
-    """Give up the lock lock_run_directory took, emptying run.lock first: the next run then knows that this one ended
-    cleanly rather than died."""
-    if descriptor is None:
-        return
-    with contextlib.suppress(OSError):
-        os.ftruncate(descriptor, 0)
-    os.close(descriptor)
-
-
-def remove_stale_temporaries(run_dir: str | os.PathLike, locked: bool = False) -> list[str]:
-    """Delete the temporary files that save_checkpoint leaves behind when it is killed mid-write (.NAME.PID.tmp)
-    and return their names. Holding the run's lock (`locked`), every one is stale, since only the lock's owner
-    saves; without it, those whose pid no longer runs on this host (a pid names no process on another node)."""
-    removed = []
-    for entry in sorted(os.scandir(run_dir), key=lambda entry: entry.name):
-        match = TEMPORARY.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and (locked or not _process_alive(int(match["pid"]))):
-            try:
-                os.unlink(entry.path)
-            except OSError as error:
-                raise RunDirectoryError(f"{entry.path}: cannot remove this stale temporary "
-                                        f"({error.strerror})") from None
-            removed.append(entry.name)
-    return removed

@@ -39,6 +39,8 @@ class Key:
     length: int | None = None  # exact length of a list (None: any non-empty list)
     ascending: bool = False  # list elements must not decrease
     path: bool = False  # a filesystem path: a leading ~ is expanded
+    operational: bool = False  # how a run is watched or where it lives, never what it trains: not in the run's name
+    resumable: bool = False  # a resumed run may change it (operational keys always may)
 
 
 @dataclass(frozen=True)
@@ -53,19 +55,19 @@ SCHEMA: dict[str, Key | Section] = {
     "dataset": Key(str, "Dataset family; selects class names, palette and split layout (folder: your own images "
                    "and masks, see configs/folder_example.yaml).", required=True,
                    choices=("pascal", "cityscapes", "synthetic", "folder")),
-    "data_root": Key(str, "Dataset root directory.", required=True, path=True),
+    "data_root": Key(str, "Dataset root directory.", required=True, path=True, resumable=True),
     "nclass": Key(int, "Number of classes (21 for pascal, 19 for cityscapes).", required=True, ge=2),
     "class_names": Key(list, "Names of classes 0 ... nclass-1 (null: the built-in names; required for folder).",
-                       nullable=True, item=str),
+                       nullable=True, item=str, resumable=True),
     "palette": Key(list, "Colours [r, g, b, r, g, b, ...] of classes 0 ... nclass-1 in saved predictions and "
                    "TensorBoard (null: the built-in palette; Pascal's for folder).", nullable=True, item=int, ge=0,
-                   le=255),
+                   le=255, resumable=True),
     "split": Key(str, "Labeled split, a folder of splits/DATASET/ (e.g. 1_16 or 732).", default="1_16"),
     "splits_dir": Key(str, "Folder holding DATASET/SPLIT/{labeled,unlabeled}.txt and DATASET/val.txt.",
-                      default="splits", path=True),
+                      default="splits", path=True, resumable=True),
     "train_mode": Key(str, "semi: labeled and unlabeled images; supervised: labeled images only.", default="semi",
                       choices=("semi", "supervised")),
-    "epochs": Key(int, "Training epochs.", default=80, ge=1),
+    "epochs": Key(int, "Training epochs.", default=80, ge=1, resumable=True),
     "iters_per_epoch": Key(int, "Caps the iterations of an epoch (null: one pass over the loader).", nullable=True,
                            ge=1),
     "batch_size": Key(int, "Images per process and step, labeled and unlabeled each.", default=2, ge=1),
@@ -77,7 +79,7 @@ SCHEMA: dict[str, Key | Section] = {
                         "tensor pipeline (2.4x faster per worker at crop 513, equal to the release within the "
                         "tolerances of tests/test_transforms.py, hue as a rotation about the gray axis).",
                         default="release", choices=("release", "fast")),
-    "workers": Key(int, "Data loader worker processes per loader.", default=4, ge=0),
+    "workers": Key(int, "Data loader worker processes per loader.", default=4, ge=0, operational=True),
     "lr": Key(float, "Learning rate of the backbone.", default=0.001, gt=0),
     "lr_multi": Key(float, "Learning-rate multiplier of the parameters outside the backbone.", default=10.0, gt=0),
     "optimizer": Key(str, "Optimizer.", default="sgd", choices=("sgd", "adamw")),
@@ -132,28 +134,42 @@ SCHEMA: dict[str, Key | Section] = {
                         gt=0),
     "backbone": Key(str, "Backbone: deep-stem ResNets, or torchvision's ResNets (tv_*).", default="resnet101",
                     choices=("resnet50", "resnet101", "tv_resnet18", "tv_resnet34", "tv_resnet50", "tv_resnet101")),
-    "pretrained": Key(str, "Local backbone checkpoint (null: random initialisation).", nullable=True, path=True),
+    "pretrained": Key(str, "Local backbone checkpoint (null: random initialisation).", nullable=True, path=True, resumable=True),
     "replace_stride_with_dilation": Key(list, "Per ResNet stage 2-4: dilate instead of striding.",
                                         default=[False, False, True], item=bool, length=3),
     "dilations": Key(list, "Atrous rates of the ASPP branches.", default=[6, 12, 18], item=int, length=3, ge=1),
-    "amp": Key(bool, "Automatic mixed precision on CUDA.", default=True),
+    "amp": Key(bool, "Automatic mixed precision on CUDA.", default=True, resumable=True),
     "amp_dtype": Key(str, "Autocast dtype with amp: float16 with a gradient scaler (the release), or bfloat16 (no "
                      "scaler, a float32 exponent range; needs an Ampere or newer GPU).", default="float16",
-                     choices=("float16", "bfloat16")),
-    "deterministic": Key(bool, "Deterministic algorithms: reproducible, slower.", default=False),
+                     choices=("float16", "bfloat16"), resumable=True),
+    "deterministic": Key(bool, "Deterministic algorithms: reproducible, slower.", default=False, resumable=True),
     "seed": Key(int, "Random seed.", default=42, ge=0),
     "eval_mode": Key(str, "Validation inference: whole image, centre crop, or sliding windows of crop_size.",
-                     default="original", choices=("original", "center_crop", "sliding_window")),
-    "eval_interval": Key(int, "Evaluate every this many epochs.", default=1, ge=1),
-    "log_interval": Key(int, "Log the losses every this many iterations.", default=20, ge=1),
-    "image_log_interval": Key(int, "Log image panels every this many iterations (0: never).", default=200, ge=0),
+                     default="original", choices=("original", "center_crop", "sliding_window"), resumable=True),
+    "eval_interval": Key(int, "Evaluate every this many epochs.", default=1, ge=1, resumable=True),
+    "log_interval": Key(int, "Log the losses every this many iterations.", default=20, ge=1, operational=True),
+    "image_log_interval": Key(int, "Log image panels every this many iterations (0: never).", default=200, ge=0, operational=True),
     "checkpoint_interval": Key(int, "Also write latest.pth every this many iterations (0: at epoch ends only).",
-                               default=500, ge=0),
+                               default=500, ge=0, operational=True),
     "on_nonfinite_loss": Key(str, "A NaN/inf loss stops the run (the last checkpoint stays intact), or skips the step "
-                             "and counts it.", default="stop", choices=("stop", "skip")),
-    "run_name": Key(str, "Run directory name under exp_dir (null: generated).", nullable=True),
-    "exp_dir": Key(str, "Directory of the run directories.", default="exp", path=True),
+                             "and counts it.", default="stop", choices=("stop", "skip"), operational=True),
+    "run_name": Key(str, "Run directory name under exp_dir (null: generated).", nullable=True, operational=True),
+    "exp_dir": Key(str, "Directory of the run directories.", default="exp", path=True, operational=True),
 }
+
+
+
+def operational_keys() -> tuple[str, ...]:
+    """Keys that change how a run is watched or where it lives, never what it trains: the run name leaves them out."""
+    return tuple(name for name, entry in SCHEMA.items() if isinstance(entry, Key) and entry.operational)
+
+
+def resumable_keys() -> tuple[str, ...]:
+    """Keys a resumed run may change: how it is watched, evaluated and computed, where its files are, and how long
+    it trains (the schedule then stretches from where it is). Any other change would mix two experiments."""
+    return tuple(name for name, entry in SCHEMA.items()
+                 if isinstance(entry, Key) and (entry.operational or entry.resumable))
+
 
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
@@ -381,6 +397,30 @@ def _parse_override(text: str) -> dict:
     return partial
 
 
+def without_idle_cif(cfg: dict) -> tuple[dict, str | None]:
+    """`cfg` with cif off where nothing would run it (train_mode supervised; isvc off with fusion none, so no
+    rescaled view), and a line saying so. Kept, an untrained CIF would be saved and used by --multiscale-cif as if
+    trained, and under DDP its parameters, which get no gradient, fail the step."""
+    semi = cfg["train_mode"] == "semi"
+    if not cfg["cif"] or (semi and (cfg["isvc"] or cfg["fusion"] != "none")):
+        return cfg, None
+    why = "isvc off and fusion none (no rescaled view)" if semi else "train_mode supervised"
+    return {**cfg, "cif": False, "fusion": "none"}, f"cif: false, since with {why} nothing would train it"
+
+
+def check_batch_size(cfg: dict, world_size: int, device_type: str) -> None:
+    """BatchNorm in training mode needs two values per channel, and ASPP's image pooling gives one per image: a pass
+    of a single image (the strong view's, or the labeled one's in supervised mode, with batch_size 1) works only where
+    SyncBatchNorm pools the images of several GPUs, as in the release's 1 x 2 GPUs on Cityscapes."""
+    images_per_pass = cfg["batch_size"] * (cfg["strong_views"] if cfg["train_mode"] == "semi" else 1)
+    if images_per_pass >= 2 or (device_type == "cuda" and world_size > 1):
+        return
+    where = "one process" if world_size == 1 else f"{world_size} CPU processes, whose BatchNorm is not synchronised"
+    raise ConfigError(f"batch_size 1 on {where}: a training pass would hold one image, and BatchNorm (ASPP's image "
+                      "pooling) needs two; set batch_size=2 (as many images per BatchNorm as the release's 1 x 2 "
+                      "GPUs) or train on 2 or more GPUs")
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] | None = ()) -> dict:
     """Read the YAML file at `path`, apply `overrides` (key=value, dotted keys for sections), fill in defaults
     and validate; return a plain dict. Every problem is a one-line ConfigError naming its source and key."""
@@ -427,6 +467,10 @@ def _table_rows(keys: dict[str, Key | Section], prefix: str = "") -> list[str]:
         else:
             default = "required" if entry.required else f"`{_yaml_text(entry.default)}`"
             doc = entry.doc + (" A leading ~ is expanded." if entry.path else "")
+            if entry.operational:
+                doc += " Not part of the run's name; a resumed run may change it."
+            elif entry.resumable:
+                doc += " A resumed run may change it."
             rows.append(f"| `{prefix}{name}` | {default} | {_describe(entry)} | {doc} |")
     return rows
 
