@@ -5,11 +5,13 @@ train.sh command, its curves as CSV, and where its best mIoU is.
     python scripts/release_log.py LOG [LOG ...] --csv losses   # iteration, s/iter, every loss term, mask ratio
     python scripts/release_log.py LOG [LOG ...] --csv eval     # per-epoch mIoU and per-class IoU
     python scripts/release_log.py --survey RELEASE/train_logs  # one Markdown row per folder (a folder is a run)
+    python scripts/release_log.py --survey RELEASE/train_logs --json  # per folder: settings here, GPUs, best
 
 Exit status: 0 done, 2 a log that cannot be read or logs that are not one run.
 """
 import argparse
 import csv
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -100,7 +102,8 @@ def summary(run: ReleaseRun) -> str:
     lines.append(f"command: {train_command(mapping)}")
     dropped = [f"{p.name} {d}" for p in run.parts for d in p.dropped]
     if dropped:
-        lines.append(f"left out {len(dropped)} line(s): " + "; ".join(dropped[:3]) + (" ..." if len(dropped) > 3 else ""))
+        more = " ..." if len(dropped) > 3 else ""
+        lines.append(f"left out {len(dropped)} line(s): " + "; ".join(dropped[:3]) + more)
     return "\n".join(lines)
 
 
@@ -132,15 +135,31 @@ def survey_row(folder: str, run: ReleaseRun) -> list[str]:
             str(sum(len(p.dropped) for p in run.parts))]
 
 
-def survey(root: Path) -> str:
+def survey_runs(root: Path) -> dict[str, ReleaseRun]:
+    """The run of every folder of .log files under `root`, by the folder's path relative to it."""
     folders = sorted({path.parent for path in root.rglob("*.log")})
     if not folders:
         raise ReleaseLogError(f"{root}: no .log files under it")
+    return {folder.relative_to(root).as_posix(): read_run(sorted(folder.glob("*.log"))) for folder in folders}
+
+
+def survey(root: Path) -> str:
     lines = ["| " + " | ".join(SURVEY_COLUMNS) + " |", "|" + " --- |" * len(SURVEY_COLUMNS)]
-    for folder in folders:
-        run = read_run(sorted(folder.glob("*.log")))
-        lines.append("| " + " | ".join(survey_row(str(folder.relative_to(root)), run)) + " |")
+    for folder, run in survey_runs(root).items():
+        lines.append("| " + " | ".join(survey_row(folder, run)) + " |")
     return "\n".join(lines)
+
+
+def survey_settings(root: Path) -> dict:
+    """Per folder: this codebase's settings for its run, the GPUs, and where its best mIoU is."""
+    settings = {}
+    for folder, run in survey_runs(root).items():
+        mapping, best = map_settings(run.settings, eval_mode_of(run)), run.best()
+        settings[folder] = {"dataset": mapping.dataset, "split": mapping.split, "gpus": mapping.gpus,
+                            "overrides": mapping.overrides, "unrecorded": mapping.unrecorded}
+        if best is not None:
+            settings[folder].update(best=best.miou, best_epoch=best.epoch, best_log=best.log)
+    return settings
 
 
 def main(argv=None) -> int:
@@ -148,12 +167,14 @@ def main(argv=None) -> int:
     parser.add_argument("logs", nargs="*", help="the log(s) of one run; the parts of a resumed run in any order")
     parser.add_argument("--csv", choices=("losses", "eval"), help="print the loss curves or the evaluations as CSV")
     parser.add_argument("--survey", metavar="DIR", help="one Markdown row per folder of .log files under DIR")
+    parser.add_argument("--json", action="store_true", help="with --survey: JSON instead of Markdown")
     args = parser.parse_args(argv)
     if bool(args.logs) == bool(args.survey):
         parser.error("give either LOG ... or --survey DIR")
     try:
         if args.survey:
-            print(survey(Path(args.survey)))
+            root = Path(args.survey)
+            print(json.dumps(survey_settings(root), indent=1) if args.json else survey(root))
             return 0
         run = read_run(args.logs)
         if args.csv:

@@ -116,7 +116,8 @@ def _header(lines: list[tuple[str, bool]], start: int, path: str) -> tuple[dict,
         settings = ast.literal_eval(text)
     except (ValueError, SyntaxError) as error:
         problem = error.msg if isinstance(error, SyntaxError) else str(error)
-        raise ReleaseLogError(f"{path}: line {start + 1}: the settings header is not a Python dict ({problem})") from None
+        raise ReleaseLogError(f"{path}: line {start + 1}: the settings header is not a Python dict "
+                              f"({problem})") from None
     if not isinstance(settings, dict):
         raise ReleaseLogError(f"{path}: line {start + 1}: the settings header is not a dict")
     return settings, end
@@ -268,7 +269,7 @@ class ReleaseRun:
 
     def wall_clock_hours(self) -> float | None:
         """Training time the logs show: per epoch of the joined run, the s/iter of the part that trained it x that
-        part's iterations per epoch; epochs no part reached are counted at the last part's rate (evaluation excluded)."""
+        part's iterations per epoch; an epoch no part reached counts at the last part's rate (evaluation excluded)."""
         rates = {name: seconds * per_epoch for name, seconds, per_epoch in self.seconds_per_iteration()}
         if not rates:
             return None
