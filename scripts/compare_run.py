@@ -1,14 +1,16 @@
 """Hold a run (finished or still training) against the release log it should follow: its loss terms and mask ratio
 per iteration and its mIoU per epoch against the log's, at equal fractions of training, in a table and on one PNG.
 
-    python scripts/compare_run.py RUN_DIR --release-log LOG [LOG ...] [--tolerance 2] [--png PATH | --no-png]
+    python scripts/compare_run.py RUN_DIR --release-log LOG [LOG ...] [--tolerance 3] [--png PATH | --no-png]
 
 The run's train.log names the terms as this codebase does (supervised, strong, isvc, fp, mask_ratio, total); they are
 read as the release's (x, u_s, u_scale, w_fp, mask ratio, total). Both logs write running means since the epoch
-began. The log's own noise: for the loss terms, the standard deviation of the log's values within one epoch of the
-log (its ~8 logged points; at least 0.001, the log's rounding); for mIoU, that of its 5 evaluations nearest in
-fraction. A term parts from the log where |run - log| > tolerance x noise: for the loss terms the run's and the log's
-mean over that epoch-long window, for mIoU the run's value and the log's interpolated at the same fraction.
+began. The log's own noise: the scatter of the log's values about a straight line fitted to them (the residual
+standard deviation, so a trend is not counted as noise), for the loss terms over one epoch of the log (its ~9
+logged points; at least 0.001, the log's rounding), for mIoU over its 5 evaluations nearest in fraction. A term
+parts from the log where |run - log| > tolerance x noise: for the loss terms, the run's mean over an epoch-long
+window of the log against the mean of the log's curve interpolated at the same fractions; for mIoU, each
+validation against the log's mIoU interpolated at its fraction.
 
 Exit status: 0 done (parting is reported, not an error), 2 a log that cannot be read or no overlap yet.
 """
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from util.release_log import TERMS, ReleaseLogError, ReleaseRun, join_run, read_release_log  # noqa: E402
+from util.release_log import (TERMS, ReleaseLogError, ReleaseRun, join_run, read_release_log,  # noqa: E402
+                              release_curve)
 from util.train_log import RunLog, TrainLogError, read_train_log, train_log_path  # noqa: E402
 
 LABELS = {"total": "Total", "x": "x", "u_s": "u_s", "u_scale": "u_scale", "w_fp": "w_fp", "mask_ratio": "mask ratio"}
@@ -51,40 +54,44 @@ class MiouRow:
     cell: Cell
 
 
-def _noise(values: list[float], floor: float) -> float:
-    return max(statistics.pstdev(values), floor) if len(values) > 1 else floor
+def _noise(points: list[tuple[float, float]], floor: float) -> float:
+    """The scatter of (fraction, value) points about their straight-line fit (a trend is not noise), at least floor."""
+    count = len(points)
+    if count < 3:
+        return floor
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
+    residual = sum((y - mean_y - slope * (x - mean_x)) ** 2 for x, y in points)
+    return max(math.sqrt(residual / (count - 2)), floor)
 
 
 def loss_rows(run: RunLog, release: ReleaseRun, tolerance: float) -> list[LossRow]:
-    """One row per epoch-long window of the log's training that the run has logged steps in."""
+    """One row per epoch-long window of the log's training that the run has logged steps in: the run's mean there
+    against the mean of the log's curve interpolated at the same fractions."""
     epochs = release.epochs
-    log_points = {term: [] for term in TERMS}
-    for record in release.losses:
-        fraction = release.fraction(record)
-        if fraction is None:
-            continue
-        window = min(int(fraction * epochs), epochs - 1)
-        for term, value in record.terms.items():
-            if term in log_points:
-                log_points[term].append((window, value))
-    run_points: dict[int, dict[str, list[float]]] = {}
+    curves = {term: release_curve(release, term) for term in TERMS}
+    run_points: dict[int, dict[str, list[tuple[float, float]]]] = {}
     for record in run.losses:
         window = min(int(record.fraction * epochs - 1e-9), epochs - 1)
         for term, value in record.terms.items():
-            if term in log_points and math.isfinite(value):
-                run_points.setdefault(window, {}).setdefault(term, []).append(value)
+            if term in curves and math.isfinite(value):
+                run_points.setdefault(window, {}).setdefault(term, []).append((record.fraction, value))
     rows = []
     for window in sorted(run_points):
+        start, end = window / epochs, (window + 1) / epochs
         cells = {}
-        for term, values in run_points[window].items():
-            logged = [value for w, value in log_points[term] if w == window]
+        for term, points in run_points[window].items():
+            logged = [(x, y) for x, y in curves[term] if start < x <= end]
             if not logged:
                 continue
-            log_mean, noise = statistics.fmean(logged), _noise(logged, NOISE_FLOOR)
-            run_mean = statistics.fmean(values)
+            run_mean = statistics.fmean(value for _, value in points)
+            log_mean = statistics.fmean(_interpolate(curves[term], fraction) for fraction, _ in points)
+            noise = _noise(logged, NOISE_FLOOR)
             cells[term] = Cell(run_mean, log_mean, noise, abs(run_mean - log_mean) > tolerance * noise)
         if cells:
-            rows.append(LossRow(window, window / epochs, (window + 1) / epochs, cells))
+            rows.append(LossRow(window, start, end, cells))
     return rows
 
 
@@ -100,7 +107,7 @@ def miou_rows(run: RunLog, release: ReleaseRun, tolerance: float) -> list[MiouRo
             continue
         log_value = _interpolate(curve, fraction)
         nearest = sorted(curve, key=lambda point: abs(point[0] - fraction))[:MIOU_WINDOW]
-        noise = _noise([value for _, value in nearest], 0.01)
+        noise = _noise(nearest, 0.01)
         rows.append(MiouRow(record.epoch, fraction, Cell(record.miou, log_value, noise,
                                                          abs(record.miou - log_value) > tolerance * noise)))
     return rows
@@ -177,7 +184,8 @@ def plot(path: Path, run: RunLog, release: ReleaseRun, losses: list[LossRow], mi
     for axis, term in zip(axes.flat, TERMS):
         log_points = [(release.fraction(r), r.terms[term]) for r in release.losses
                       if term in r.terms and release.fraction(r) is not None]
-        axis.plot(*zip(*log_points), color="0.6", linewidth=0.8, label="log") if log_points else None
+        if log_points:
+            axis.plot(*zip(*log_points), color="0.6", linewidth=0.8, label="log")
         run_points = [(r.fraction, r.terms[term]) for r in run.losses if term in r.terms]
         if run_points:
             axis.plot(*zip(*run_points), color="tab:blue", linewidth=0.8, label="run")
@@ -201,6 +209,8 @@ def plot(path: Path, run: RunLog, release: ReleaseRun, losses: list[LossRow], mi
     axis.set_title("mIoU (%)")
     axis.set_xlabel("fraction of training")
     axis.legend()
+    for unused in list(axes.flat)[len(TERMS) + 1:]:
+        unused.axis("off")
     figure.suptitle(f"{run.path} against {', '.join(p.name for p in release.parts)} (red: parts beyond the noise)")
     figure.tight_layout()
     figure.savefig(path, dpi=80)
@@ -213,7 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("run", help="the run directory (or its train.log)")
     parser.add_argument("--release-log", nargs="+", required=True, metavar="LOG",
                         help="the release log(s) of the run to follow; the parts of a resumed run in any order")
-    parser.add_argument("--tolerance", type=float, default=2.0, help="parting threshold in units of the log's noise")
+    # 3: a mean of a few run points against the log's interpolated curve scatters by ~0.8 x noise; 2 would flag
+    # about one window-term in a hundred on a run that follows the log.
+    parser.add_argument("--tolerance", type=float, default=3.0, help="parting threshold in units of the log's noise")
     parser.add_argument("--png", help="where to write the plot (default: RUN_DIR/release_comparison.png)")
     parser.add_argument("--no-png", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
