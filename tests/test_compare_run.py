@@ -35,7 +35,8 @@ def curve(term: str, fraction: float, wiggle: int = 0, amplitude: float = 0.004)
 
 def write_release_log(path: Path) -> None:
     settings = {"dataset": "pascal", "epochs": EPOCHS, "ngpus": 4, "lr": 0.001,
-                "labeled_id_path": "splits/pascal/92/labeled.txt", "unlabeled_id_path": "splits/pascal/92/unlabeled.txt"}
+                "labeled_id_path": "splits/pascal/92/labeled.txt",
+                "unlabeled_id_path": "splits/pascal/92/unlabeled.txt"}
     lines = ["[2024-07-20 10:00:00,000][    INFO] " + pprint.pformat(settings), ""]
     per_epoch = 8 * STEP + 3.5
     for epoch in range(EPOCHS):
