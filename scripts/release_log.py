@@ -12,7 +12,6 @@ Exit status: 0 done, 2 a log that cannot be read or logs that are not one run.
 import argparse
 import csv
 import json
-import statistics
 import sys
 from pathlib import Path
 

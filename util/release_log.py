@@ -35,7 +35,7 @@ _PARAMS = re.compile(_STAMP + r"Total params: ")
 # Header keys that say where the authors' files were, not how training went.
 MACHINE_KEYS = ("config", "data_root", "save_path", "local_rank", "port", "labeled_id_path", "unlabeled_id_path")
 # Header keys with the same name and meaning in this codebase's configuration.
-SAME_KEYS = ("dataset", "nclass", "crop_size", "epochs", "batch_size", "lr", "lr_multi", "conf_thresh", "backbone",
+SAME_KEYS = ("nclass", "crop_size", "epochs", "batch_size", "lr", "lr_multi", "conf_thresh", "backbone",
              "replace_stride_with_dilation", "dilations", "amp", "img_scales", "warm_up")
 # What this codebase's defaults stand for where a log predates a key (the release code of that day is not shipped).
 UNRECORDED = {"img_scales": "img_scales", "feat_s_scales": "feature_scales", "feat_l_scales": "feature_scales",
@@ -336,7 +336,6 @@ def map_settings(settings: dict, eval_mode: str | None = None) -> Mapping:
         if key in settings:
             value = settings[key]
             overrides[key] = [float(v) for v in value] if key == "img_scales" else value
-    overrides.pop("dataset", None)
     for key in ("lr", "lr_multi", "conf_thresh"):
         if key in overrides:
             overrides[key] = float(overrides[key])
@@ -383,7 +382,8 @@ def map_settings(settings: dict, eval_mode: str | None = None) -> Mapping:
                 notes.append(f"unlabeled_id_path {unlabeled} is not the unlabeled list of split {split}")
         else:
             notes.append(f"labeled_id_path {labeled} names no splits/DATASET/SPLIT/labeled.txt")
-    handled = set(SAME_KEYS) | set(MACHINE_KEYS) | {"criterion", "feat_s_scales", "feat_l_scales", "model", "ngpus"}
+    handled = set(SAME_KEYS) | set(MACHINE_KEYS) | {"dataset", "criterion", "feat_s_scales", "feat_l_scales", "model",
+                                                    "ngpus"}
     unmapped.update({key: value for key, value in settings.items() if key not in handled})
     unrecorded = sorted({mine for theirs, mine in UNRECORDED.items() if theirs not in settings})
     gpus = settings.get("ngpus")
