@@ -134,7 +134,7 @@ def read_release_log(path: str | Path) -> ReleaseLog:
     lines = _split_lines(text)
     log = None
     epoch = None
-    fields_seen: list[str] | None = None
+    fields = 0  # the fields of a complete Iters line: the first line's count
     block: EvalRecord | None = None
     index = 0
     while index < len(lines):
@@ -157,11 +157,11 @@ def read_release_log(path: str | Path) -> ReleaseLog:
             block = None
         elif match := _ITERS.match(line):
             record = _loss_record(match, epoch, log.name)
-            names = None if record is None else list(record.terms) + (["iter_time"] * (record.iter_time is not None))
-            if record is None or (fields_seen is not None and len(names) < len(fields_seen)):
+            count = 0 if record is None else len(record.terms) + (record.iter_time is not None)
+            if record is None or count < fields:
                 log.dropped.append(f"line {number}: an Iters line cut short or malformed")
                 continue
-            fields_seen = fields_seen or names
+            fields = fields or count
             log.losses.append(record)
         elif match := _CLASS.match(line):
             if block is None or block.miou is not None or int(match.group(2)) in block.iou:
