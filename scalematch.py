@@ -339,7 +339,8 @@ def train_one_epoch(run: Run, loaders, save_latest) -> None:
     quality = {name: MeanIoU(cfg["nclass"], device=run.device) for name in ("1x", "average", "cif")}
     run.model.train()
     labeled_loader, unlabeled_loader, partner_loader = loaders
-    batches = zip(labeled_loader, unlabeled_loader, partner_loader) if semi else ((b, None, None) for b in labeled_loader)
+    batches = (zip(labeled_loader, unlabeled_loader, partner_loader) if semi
+               else ((labeled, None, None) for labeled in labeled_loader))
     bar = tqdm(batches, total=run.iters_per_epoch - progress["step"], disable=not run.is_main, desc=f"epoch {epoch}",
                leave=False)
     running = {}

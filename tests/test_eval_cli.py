@@ -230,7 +230,8 @@ def test_a_broken_image_symlink_in_the_predict_dir_is_named(tmp_path):
 def test_an_error_under_torchrun_is_printed_once(tmp_path):
     """Before: once per process, then the launcher's own line."""
     missing = tmp_path / "missing.pth"
-    result = subprocess.run([sys.executable, "-m", "util.launcher", "2", "eval.py", "--checkpoint", str(missing), "--cpu"],
+    result = subprocess.run([sys.executable, "-m", "util.launcher", "2", "eval.py", "--checkpoint", str(missing),
+                             "--cpu"],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 2
