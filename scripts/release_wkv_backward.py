@@ -178,11 +178,12 @@ def translate_kernel(source: str, name: str) -> tuple[list[str], list[str], list
     return parameters, shared, ["\n".join(phase) for phase in phases if phase]
 
 
-def macros(source: str, op_source: str) -> dict:
-    """The kernel's #define constants, and Tmax as vrwkv.py passes it to the compiler."""
-    values = {"Tmax": int(re.search(r"^T_MAX\s*=\s*(\d+)", op_source, re.M).group(1))}
+def macros(source: str, defined: dict) -> dict:
+    """The #define constants of ``source`` (comments removed), after those ``defined`` on the compiler's command
+    line."""
+    values = dict(defined)
     for name, expression in re.findall(r"^#define\s+(\w+)\s+(.+)$", source, re.M):
-        expression = expression.split("//")[0].strip()
+        expression = expression.strip()
         integer = re.search(r"\d[.eE]", expression) is None
         values[name] = eval(_expression(expression, integer), {}, dict(values))
     return values
@@ -226,32 +227,45 @@ def _minimum(a, b):
     return builtins.min(a, b)
 
 
+class TranslatedKernel:
+    """A __global__ kernel of a CUDA source (comments removed), runnable as one block of token threads (threadIdx.y)
+    whose channel threads (threadIdx.x = 0, blockDim.x = 1) are vectorised: pass C = 1 and DeviceArray arguments."""
+
+    def __init__(self, source: str, name: str, constants: dict):
+        self.name, self.constants = name, constants
+        self.parameters, self.shared, phases = translate_kernel(source, name)
+        self.phases = [compile(phase, f"{KERNEL_SOURCE}:{name}:phase{index}", "exec")
+                       for index, phase in enumerate(phases)]
+
+    def __call__(self, token_threads: int, **arguments) -> list[dict]:
+        """Runs every phase for every thread before the next phase; returns each thread's local variables."""
+        if set(self.parameters) != set(arguments):
+            raise SystemExit(f"error: {self.name} takes {self.parameters}, emulated with {sorted(arguments)}")
+        common = dict(self.constants, exp=_exp, max=_maximum, min=_minimum, blockIdx=types.SimpleNamespace(x=0),
+                      blockDim=types.SimpleNamespace(x=1), **arguments)
+        for declaration in self.shared:
+            exec(declaration, common)
+        threads = [{"threadIdx": types.SimpleNamespace(x=0, y=token)} for token in range(token_threads)]
+        for phase in self.phases:
+            for local in threads:
+                exec(phase, common, local)
+        return threads
+
+
 class ReleaseKernels:
     """kernel_forward and kernel_backward of the release's wkv_cuda.cu, translated at run time."""
 
     def __init__(self, release_dir: str):
         source = re.sub(r"//[^\n]*", "", read_release_file(release_dir, KERNEL_SOURCE))
-        self.constants = macros(source, read_release_file(release_dir, OP_SOURCE))
-        self.kernels = {name: translate_kernel(source, name) for name in ("kernel_forward", "kernel_backward")}
-        self.compiled = {name: [compile(phase, f"{KERNEL_SOURCE}:{name}:phase{index}", "exec")
-                                for index, phase in enumerate(phases)]
-                         for name, (_, _, phases) in self.kernels.items()}
+        tmax = re.search(r"^T_MAX\s*=\s*(\d+)", read_release_file(release_dir, OP_SOURCE), re.M)
+        if tmax is None:
+            raise SystemExit(f"error: {OP_SOURCE}: no T_MAX")
+        self.constants = macros(source, {"Tmax": int(tmax.group(1))})
+        self.kernels = {name: TranslatedKernel(source, name, self.constants)
+                        for name in ("kernel_forward", "kernel_backward")}
 
     def _launch(self, name: str, arguments: dict) -> list[dict]:
-        """One block: CHANNEL_SPLIT x TOKEN_SPLIT threads, of which the channel threads are the vectorised axis;
-        returns each token thread's local variables."""
-        parameters, shared, _ = self.kernels[name]
-        if set(parameters) != set(arguments):
-            raise SystemExit(f"error: {KERNEL_SOURCE}: {name} takes {parameters}, emulated with {sorted(arguments)}")
-        common = dict(self.constants, exp=_exp, max=_maximum, min=_minimum, blockIdx=types.SimpleNamespace(x=0),
-                      blockDim=types.SimpleNamespace(x=1), **arguments)
-        for declaration in shared:
-            exec(declaration, common)
-        threads = [{"threadIdx": types.SimpleNamespace(x=0, y=token)} for token in range(self.constants["TOKEN_SPLIT"])]
-        for phase in self.compiled[name]:
-            for local in threads:
-                exec(phase, common, local)
-        return threads
+        return self.kernels[name](self.constants["TOKEN_SPLIT"], **arguments)
 
     def forward(self, w, u, k, v) -> torch.Tensor:
         batch, length, _ = k.shape
