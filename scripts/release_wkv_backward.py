@@ -12,9 +12,10 @@ that a mistranslation shows.
 
 Inputs: the decay and bonus of the release CIF's Vision-RWKV block (tests/data/release_cif_reference.pt, divided by T
 as the release passes them), k, v and the output gradient standard normal, batch 1. --channels gives the channel
-count per length (the first channels of the block's 32 spread over its decays: every 32 / C-th); the O(T^2) paper
-formula at T = 16641 takes minutes per channel on one core. Each gradient is compared as max|a - b| / max|b|,
-b the paper formula's autograd (float64).
+count per length (every 32 / C-th of the block's 32 channels, spread over its decays): at T = 16641 the O(T^2)
+paper formula's autograd and the autograd through the kernel's forward loop take ~30 s per channel each on one core
+(10 minutes in all with the defaults). Each gradient is compared as max|a - b| / max|b|; with T <= 1024 also against
+the paper formula's gradient terms evaluated at kernel_forward's own outputs and denominators (paper_terms_at).
 """
 import argparse
 import builtins
