@@ -1,20 +1,27 @@
-"""augmentation: release, the ScaleMatch release's PIL/torchvision pipeline, against the release's calls made here
-directly with the same seeds; and its items in the same format as augmentation: fast."""
+"""augmentation: release, the ScaleMatch release's PIL/torchvision pipeline, against items of the release's own
+dataset/semi.py and dataset/transform.py under the same seeds; and its items in the same format as augmentation: fast.
+
+tests/data/release_augmentation_reference.pt holds the generated source images and masks and the release's items
+(commit 445cde83): per seed s (Python's, NumPy's and torch's generators seeded with s, as util.sampling.SeededDataset
+does), SemiDataset("train_u" / "train_l")[s % 3] of the release. Regenerate it with
+
+    python scripts/release_augmentation_reference.py RELEASE_DIR --write tests/data/release_augmentation_reference.pt
+"""
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter, ImageOps
-from torchvision import transforms
+from PIL import Image
 
 from dataset.semi import SemiDataset, build_datasets
-from dataset.transforms import (normalize_pil, release_cutmix_box, release_geometric, release_rescale,
-                                release_strong_photometric)
+from dataset.transforms import (IMAGENET_MEAN, IMAGENET_STD, normalize_pil, release_cutmix_box, release_geometric,
+                                release_rescale)
 from util.config import ConfigError, load_config
 from util.sampling import SeededDataset
 
+RELEASE_REFERENCE = Path(__file__).parent / "data" / "release_augmentation_reference.pt"
 LEVEL = 20  # image value of label l is (l + 1) * LEVEL, so padding (0) is never a label colour
 
 
@@ -101,81 +108,92 @@ def test_crop_and_flip_without_rescale_keep_every_pixel_on_its_label():
     assert 0 < flipped < 20
 
 
-# --- (b) photometric
+# --- (b) the release's own pipeline, pinned: labeled and unlabeled items under fixed seeds
 
-def _release_strong(image: Image.Image) -> Image.Image:
-    """The release's strong colour steps, calling torchvision and PIL directly."""
-    if random.random() < 0.8:
-        image = transforms.ColorJitter(0.5, 0.5, 0.5, 0.25)(image)
-    image = transforms.RandomGrayscale(p=0.2)(image)
-    if random.random() < 0.5:
-        sigma = np.random.uniform(0.1, 2.0)
-        image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
-    return image
+@pytest.fixture(scope="module")
+def release_reference():
+    return torch.load(RELEASE_REFERENCE, weights_only=True)
 
 
-def test_strong_view_is_the_release_colour_jitter_grayscale_and_blur():
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
-    outcomes = set()
-    for seed in range(40):
-        _seed(seed)
-        ours = np.asarray(release_strong_photometric(image))
-        _seed(seed)
-        reference = np.asarray(_release_strong(image))
-        assert np.array_equal(ours, reference), seed
-        _seed(seed)
-        jitter, blur = random.random() < 0.8, random.random() < 0.5  # the coins; the jitter's own draws are torch's
-        gray = np.array_equal(ours[..., 0], ours[..., 1]) and np.array_equal(ours[..., 1], ours[..., 2])
-        outcomes.add((jitter, gray, blur))
-    assert len(outcomes) >= 5  # jitter, grayscale and blur each on and off
+def _write_sources(root: Path, reference: dict) -> list[tuple[str, str]]:
+    """The fixture's source images and masks as the PNG files the release read."""
+    samples = []
+    for sample in reference["samples"]:
+        for key, path_key in (("image", "image_path"), ("mask", "mask_path")):
+            (root / sample[path_key]).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(sample[key].numpy()).save(root / sample[path_key])
+        samples.append((sample["image_path"], sample["mask_path"]))
+    return samples
+
+
+def _unnormalized(image: torch.Tensor) -> torch.Tensor:
+    return image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+
+
+def test_reference_covers_padding_boxes_grayscale_and_both_orientations(release_reference):
+    assert release_reference["commit"].startswith("445cde83")
+    unlabeled = release_reference["train_u"]
+    padded = [bool((item["ignore_mask"] == 255).any()) for item in unlabeled]
+    assert any(padded) and not all(padded)
+    boxes = [bool(box.any()) for item in unlabeled for box in item["cutmix_box"]]
+    assert any(boxes) and not all(boxes)
+    strong = [_unnormalized(view) for item in unlabeled for view in item["image_strong"]]
+    gray = [bool((view[0] - view[1]).abs().max() < 1e-5 and (view[1] - view[2]).abs().max() < 1e-5) for view in strong]
+    assert any(gray) and not all(gray)
+    shapes = {tuple(sample["image"].shape[:2]) for sample in release_reference["samples"]}
+    assert any(height > width for height, width in shapes) and any(height < width for height, width in shapes)
+
+
+def test_unlabeled_items_are_the_release_items(tmp_path, release_reference):
+    dataset = SemiDataset(tmp_path, _write_sources(tmp_path, release_reference), "train_u", nclass=21,
+                          crop_size=release_reference["crop_size"], strong_views=2, augmentation="release")
+    for release in release_reference["train_u"]:
+        _seed(release["seed"])
+        item = dataset[release["index"]]
+        what = f"seed {release['seed']}"
+        assert torch.equal(item["image_weak"], release["image_weak"]), what
+        assert all(torch.equal(a, b) for a, b in zip(item["image_strong"], release["image_strong"], strict=True)), what
+        assert all(torch.equal(a, b.long()) for a, b in zip(item["cutmix_box"], release["cutmix_box"], strict=True)), \
+            what
+        assert torch.equal(item["ignore_mask"], release["ignore_mask"].long()), what
+        # The release marks padding 254 in the mask; here the mask holds the ignore index there.
+        assert torch.equal(item["mask"], torch.where(release["mask"] == 254, 255, release["mask"].long())), what
+
+
+def test_labeled_items_are_the_release_items(tmp_path, release_reference):
+    dataset = SemiDataset(tmp_path, _write_sources(tmp_path, release_reference), "train_l", nclass=21,
+                          crop_size=release_reference["crop_size"], augmentation="release")
+    for release in release_reference["train_l"]:
+        _seed(release["seed"])
+        item = dataset[release["index"]]
+        assert torch.equal(item["image"], release["image"]), release["seed"]
+        assert torch.equal(item["mask"], release["mask"].long()), release["seed"]
 
 
 # --- (c) CutMix box
 
-def _release_box(size: int) -> tuple[torch.Tensor, tuple | None]:
-    """The release's box rule written out: the map, and (area, ratio, left, top, width, height) of its box."""
-    box = torch.zeros(size, size, dtype=torch.int64)
-    if random.random() > 0.5:
-        return box, None
-    area = np.random.uniform(0.02, 0.4) * size * size
-    while True:
-        ratio = np.random.uniform(0.3, 1 / 0.3)
-        width, height = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
-        left, top = np.random.randint(0, size), np.random.randint(0, size)
-        if left + width <= size and top + height <= size:
-            break
-    box[top:top + height, left:left + width] = 1
-    return box, (area, ratio, left, top, width, height)
-
-
-def test_cutmix_box_follows_the_release_rule():
+def test_cutmix_box_is_one_rectangle_of_bounded_area_half_the_time():
     size, draws, empty, fractions = 100, 400, 0, []
     for seed in range(draws):
         random.seed(seed)
         np.random.seed(seed)
         box = release_cutmix_box(size)
         assert box.dtype == torch.int64 and box.shape == (size, size)
-        random.seed(seed)
-        np.random.seed(seed)
-        expected, drawn = _release_box(size)
-        assert torch.equal(box, expected), seed
-        if drawn is None:
-            assert not box.any()
+        if not box.any():
             empty += 1
             continue
-        area, ratio, left, top, width, height = drawn
-        assert left + width <= size and top + height <= size and int(box.sum()) == width * height > 0
+        rows, columns = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        height, width = int(rows[-1] - rows[0] + 1), int(columns[-1] - columns[0] + 1)
+        # One filled rectangle, inside the square.
+        assert int(box.sum()) == width * height and len(rows) == height and len(columns) == width
         fraction = width * height / size ** 2
-        # Flooring each side loses less than one pixel row and column of the drawn area.
-        assert (np.sqrt(area / ratio) - 1) * (np.sqrt(area * ratio) - 1) / size ** 2 < fraction <= 0.4
-        assert 0.02 <= area / size ** 2 <= 0.4 and 0.3 <= ratio <= 1 / 0.3
+        assert 0 < fraction <= 0.4
         fractions.append(fraction)
     assert 0.4 * draws <= empty <= 0.6 * draws
     assert min(fractions) < 0.05 and max(fractions) > 0.3
 
 
-# --- the whole unlabeled item against the release's __getitem__
+# --- a padded unlabeled item
 
 HEIGHT, WIDTH = 40, 56
 
@@ -194,58 +212,6 @@ def _voc_tree(root: Path, count: int = 3) -> list[tuple[str, str]]:
         Image.fromarray(indices).save(root / f"SegmentationClass/{name}.png")
         samples.append((f"JPEGImages/{name}.jpg", f"SegmentationClass/{name}.png"))
     return samples
-
-
-def _release_unlabeled_item(image_path: Path, mask_path: Path, size: int) -> tuple:
-    """The release's train_u steps, written out with PIL, torchvision and the release's draws."""
-    image = Image.open(image_path).convert("RGB")
-    mask = Image.fromarray(np.array(Image.open(mask_path)))
-    width, height = image.size
-    long_side = random.randint(int(max(height, width) * 0.5), int(max(height, width) * 2.0))
-    if height > width:
-        new_size = (int(1.0 * width * long_side / height + 0.5), long_side)
-    else:
-        new_size = (long_side, int(1.0 * height * long_side / width + 0.5))
-    image, mask = image.resize(new_size, Image.Resampling.BILINEAR), mask.resize(new_size, Image.Resampling.NEAREST)
-    pad = (0, 0, max(0, size - new_size[0]), max(0, size - new_size[1]))
-    image, mask = ImageOps.expand(image, border=pad, fill=0), ImageOps.expand(mask, border=pad, fill=254)
-    x, y = random.randint(0, image.size[0] - size), random.randint(0, image.size[1] - size)
-    image, mask = image.crop((x, y, x + size, y + size)), mask.crop((x, y, x + size, y + size))
-    if random.random() < 0.5:
-        image, mask = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    to_tensor = transforms.Compose([transforms.ToTensor(),
-                                    transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    strong, boxes = [], []
-    for _ in range(2):
-        strong.append(to_tensor(_release_strong(image)))
-        boxes.append(_release_box(size)[0])
-    mask = torch.from_numpy(np.array(mask)).long()
-    ignore = torch.zeros_like(mask)
-    ignore[mask == 254] = 255
-    return to_tensor(image), strong, boxes, ignore, mask
-
-
-def test_unlabeled_item_is_the_release_item(tmp_path):
-    samples = _voc_tree(tmp_path)
-    dataset = SemiDataset(tmp_path, samples, "train_u", nclass=21, crop_size=48, strong_views=2,
-                          augmentation="release")
-    padded_items = 0
-    for seed in range(12):
-        index = seed % len(samples)
-        _seed(seed)
-        item = dataset[index]
-        _seed(seed)
-        weak, strong, boxes, ignore, mask = _release_unlabeled_item(tmp_path / samples[index][0],
-                                                                    tmp_path / samples[index][1], 48)
-        assert torch.equal(item["image_weak"], weak)
-        assert all(torch.equal(a, b) for a, b in zip(item["image_strong"], strong, strict=True))
-        assert all(torch.equal(a, b) for a, b in zip(item["cutmix_box"], boxes, strict=True))
-        assert torch.equal(item["ignore_mask"], ignore)
-        # The release marks padding 254 in the mask; here the mask holds the ignore index there.
-        assert torch.equal(item["mask"], torch.where(mask == 254, 255, mask))
-        padded_items += bool(ignore.any())
-    assert 0 < padded_items < 12
-
 
 def test_unlabeled_ignore_mask_is_255_exactly_on_padding(tmp_path):
     samples = _voc_tree(tmp_path)
