@@ -36,7 +36,7 @@ from util.dist import (all_reduce_sum, broadcast_from_main, cleanup, gather_to_m
 from util.logging import setup_logger
 from util.losses import OHEMCrossEntropy, masked_cross_entropy
 from util.metrics import MeanIoU, format_iou_table
-from util.sampling import ResumableSampler, SeededDataset, rng_state, set_rng_state
+from util.sampling import ResumableSampler, SeededDataset, rng_state, set_rng_state, train_samplers
 from util.visualize import colourize
 
 IGNORE_INDEX = 255
@@ -111,13 +111,12 @@ def ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset, cfg: dict, seed: int, world_size: int, rank: int, batch_size: int) -> DataLoader:
+def make_loader(dataset, cfg: dict, sampler: ResumableSampler, batch_size: int) -> DataLoader:
     """A shuffled loader whose order and augmentation can resume mid-epoch (util/sampling.py)."""
-    sampler = ResumableSampler(len(dataset), seed, rank, world_size)
     # Its own generator: creating an iterator draws a worker seed, which must not consume the global stream.
     return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=cfg["workers"],
                       pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=cfg["workers"] > 0,
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigterm)
+                      generator=torch.Generator().manual_seed(sampler.seed), worker_init_fn=ignore_sigterm)
 
 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -631,9 +630,9 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> No
     logger.info(f"run {run_dir} | {world_size} process(es) on {device} | "
                 + dataset_summary(cfg, labeled_set, unlabeled_set, val_set))
     batch = cfg["batch_size"]
-    loaders = (make_loader(labeled_set, cfg, cfg["seed"] + 1, world_size, rank, batch),
-               make_loader(unlabeled_set, cfg, cfg["seed"] + 2, world_size, rank, batch),
-               make_loader(unlabeled_set, cfg, cfg["seed"] + 3, world_size, rank, batch))
+    samplers = train_samplers(cfg, len(labeled_set), len(unlabeled_set), rank, world_size)
+    loaders = tuple(make_loader(dataset, cfg, sampler, batch)
+                    for dataset, sampler in zip((labeled_set, unlabeled_set, unlabeled_set), samplers))
     iters_per_epoch = len(loaders[1]) if semi else len(loaders[0])
     if cfg["iters_per_epoch"] is not None:
         iters_per_epoch = min(iters_per_epoch, cfg["iters_per_epoch"])

@@ -77,6 +77,22 @@ SCHEMA: dict[str, Key | Section] = {
                         "tensor pipeline (2.4x faster per worker at crop 513, equal to the release within the "
                         "tolerances of tests/test_transforms.py, hue as a rotation about the gray axis).",
                         default="release", choices=("release", "fast")),
+    "data_order": Key(str, "release: the labeled and the unlabeled loader walk one permutation, the one torch's "
+                      "DistributedSampler(shuffle=True, seed=sampler_seed) gives each process after set_epoch(epoch) "
+                      "(the release's multi-GPU runs; unlabeled image j shares its step with labeled image j mod L); "
+                      "independent: each loader its own permutation, drawn from seed.", default="release",
+                      choices=("release", "independent")),
+    "sampler_seed": Key(int, "Seed of the data order with data_order: release. The release leaves DistributedSampler's "
+                        "seed at 0, so all its runs see one order; it does not follow seed (which seeds "
+                        "augmentation, initialisation and dropout), set both to vary the order across seeds.",
+                        default=0, ge=0),
+    "cutmix_partner": Key(str, "Image mixed into each unlabeled image by CutMix: same_image is the unlabeled batch "
+                          "itself, augmented independently (the release zips its unlabeled loader with itself); "
+                          "other_image is another unlabeled image, from a loader shuffled on its own.",
+                          default="same_image", choices=("same_image", "other_image")),
+    "truncate_labeled": Key(bool, "Cut the labeled list to the unlabeled list's length where it is longer, as the "
+                            "release does (Cityscapes 1_2); false keeps every labeled image. A shorter labeled list "
+                            "is repeated to the unlabeled length either way.", default=True),
     "workers": Key(int, "Data loader worker processes per loader.", default=4, ge=0),
     "lr": Key(float, "Learning rate of the backbone.", default=0.001, gt=0),
     "lr_multi": Key(float, "Learning-rate multiplier of the parameters outside the backbone.", default=10.0, gt=0),
