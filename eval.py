@@ -57,10 +57,11 @@ def averaged_predictor(predict: Callable, scales: list[float], flip: bool) -> Ca
     return predict_averaged
 
 
-def predict_labels(predict: Callable, image: torch.Tensor, mode: str, crop_size: int, amp_dtype=None) -> torch.Tensor:
-    """(1, H, W) class indices of a normalised (1, 3, H, W) image in evaluation ``mode``."""
+def predict_labels(predict: Callable, image: torch.Tensor, mode: str, cfg: dict, amp_dtype=None) -> torch.Tensor:
+    """(1, H, W) class indices of a normalised (1, 3, H, W) image in evaluation ``mode``, tiled as cfg says."""
     with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return predict_probs(predict, image, mode, crop_size).argmax(dim=1)
+        probs = predict_probs(predict, image, mode, cfg["crop_size"], cfg["sliding_window_placement"])
+        return probs.argmax(dim=1)
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -114,7 +115,7 @@ def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dt
         mask = sample["mask"].to(device)
         if mode == "center_crop":
             image, mask = center_crop(image, mask, cfg["crop_size"])
-        prediction = predict_labels(predict, image, mode, cfg["crop_size"], amp_dtype)
+        prediction = predict_labels(predict, image, mode, cfg, amp_dtype)
         metric.update(prediction, mask)
         if save_dir is not None:
             stem = os.path.splitext(os.path.basename(sample["id"][0]))[0]
@@ -169,7 +170,7 @@ def predict_folder(predict: Callable, image_dir: str, save_dir: str, cfg: dict, 
     for path in tqdm(images, disable=not progress, desc="predict", leave=False):
         mask_path = Path(mask_dir, f"{path.stem}.png") if mask_dir else None
         image, mask = load_sample(path, mask_path if mask_path and mask_path.is_file() else None, cfg["nclass"])
-        prediction = predict_labels(predict, normalize(image)[None].to(device), mode, cfg["crop_size"], amp_dtype)
+        prediction = predict_labels(predict, normalize(image)[None].to(device), mode, cfg, amp_dtype)
         save_prediction(save_dir, path.stem, prediction[0], names, colors, image.permute(1, 2, 0).numpy(),
                         None if mask is None else mask.numpy())
     return len(images)

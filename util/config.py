@@ -84,7 +84,7 @@ SCHEMA: dict[str, Key | Section] = {
                       choices=("release", "independent")),
     "sampler_seed": Key(int, "Seed of the data order with data_order: release. The release leaves DistributedSampler's "
                         "seed at 0, so all its runs see one order; it does not follow seed (which seeds "
-                        "augmentation, initialisation and dropout), set both to vary the order across seeds.",
+                        "augmentation, initialisation and dropout): to vary the order with seed, set it too.",
                         default=0, ge=0),
     "cutmix_partner": Key(str, "Image mixed into each unlabeled image by CutMix: same_image is the unlabeled batch "
                           "itself, augmented independently (the release zips its unlabeled loader with itself); "
@@ -160,6 +160,11 @@ SCHEMA: dict[str, Key | Section] = {
     "seed": Key(int, "Random seed.", default=42, ge=0),
     "eval_mode": Key(str, "Validation inference: whole image, centre crop, or sliding windows of crop_size.",
                      default="original", choices=("original", "center_crop", "sliding_window")),
+    "sliding_window_placement": Key(str, "Windows of eval_mode sliding_window: release starts one at 0 and every 2/3 "
+                                    "of crop_size after, cutting those that cross the border (slivers included: "
+                                    "Cityscapes 1024 x 2048 at crop 801 gives 8 windows, 5 of them cut), as the "
+                                    "release's evaluate() does; flush keeps every window whole, the last one flush "
+                                    "with the border.", default="release", choices=("release", "flush")),
     "eval_interval": Key(int, "Evaluate every this many epochs.", default=1, ge=1),
     "log_interval": Key(int, "Log the losses every this many iterations.", default=20, ge=1),
     "image_log_interval": Key(int, "Log image panels every this many iterations (0: never).", default=200, ge=0),
