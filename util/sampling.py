@@ -1,5 +1,5 @@
-"""Resumable data order: each epoch's order and each sample's augmentation are pure functions of
-(seed, epoch, position), so a run restarted mid-epoch sees exactly the batches it would have seen.
+"""Resumable data order: each epoch's order is a pure function of (order seed, epoch) and each sample's augmentation
+of (seed, epoch, position), so a run restarted mid-epoch sees exactly the batches it would have seen.
 
 ResumableSampler yields (index, sample_seed) pairs, sharded across processes like DistributedSampler, in its order
 (the release's) or one of this module's; train_samplers builds the labeled, unlabeled and CutMix partner samplers;
