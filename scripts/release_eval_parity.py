@@ -108,11 +108,14 @@ def synthetic_voc(folder: Path, seed: int) -> list[str]:
     stems = []
     for index in range(SYNTHETIC_IMAGES):
         coarse = generator.uniform(0, 255, (12, 16, 3)).astype(np.uint8)
-        Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC).save(folder / "JPEGImages" / f"s{index}.jpg")
+        image = Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC)
+        image.save(folder / "JPEGImages" / f"s{index}.jpg")
         mask = np.zeros((375, 500), np.uint8)
         for _ in range(6):
             top, left = generator.integers(0, 300), generator.integers(0, 420)
-            mask[top:top + generator.integers(30, 200), left:left + generator.integers(30, 250)] = generator.integers(1, 21)
+            label = generator.integers(1, 21)
+            height, width = generator.integers(30, 200), generator.integers(30, 250)
+            mask[top:top + height, left:left + width] = label
         Image.fromarray(mask, mode="L").save(folder / "SegmentationClass" / f"s{index}.png")
         stems.append(f"s{index}")
     return stems
@@ -201,8 +204,8 @@ def evaluation_parity(tool, release_dir: str, backbone: str, seed: int, eval_dat
                 ("sliding_window", SLIDING_WINDOW_CLASSES, crop, "release", True),
                 ("sliding_window", SLIDING_WINDOW_CLASSES, crop, "flush", False)]
         lines = [f"Evaluation on {what}; {backbone} networks of release_model.py (seed {seed}); IoU in points.", "",
-                 "| mode | classes | crop | placement (here) | release mIoU | here: mIoU (all) | here: mIoU (present) | "
-                 "max abs per-class IoU diff | same class as the release | compared |",
+                 "| mode | classes | crop | placement (here) | release mIoU | here: mIoU (all) | "
+                 "here: mIoU (present) | max abs per-class IoU diff | same class as the release | compared |",
                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         passed = True
         for mode, nclass, crop_size, placement, compared in runs:

@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         release_checkpoint, converted = os.path.join(folder, "release.pth"), os.path.join(folder, "converted.pth")
         tool.write_release_checkpoint(net, release_checkpoint)
-        convert(release_checkpoint, converted, str(ROOT / "configs" / "pascal.yaml"), [f"backbone={args.backbone}", *args.overrides])
+        convert(release_checkpoint, converted, str(ROOT / "configs" / "pascal.yaml"),
+                [f"backbone={args.backbone}", *args.overrides])
         model, _, _ = load_trained_model(converted, torch.device("cpu"))
     info = net.release_info
     header = (f"Release {info['commit']}, {args.backbone}, nclass 21, seed {args.seed}, Bi-WKV '{info['wkv']}' "
