@@ -365,11 +365,13 @@ def evaluate_or_predict(args, model, cfg: dict, device: torch.device, rank: int,
         for scale in args.scales:
             predict = rescaled_predictor(model.predict, scale) if scale != 1.0 else model.predict
             metric = evaluate(predict, val_set, cfg, device, amp_dtype, rank, world_size, mode, progress=rank == 0)
-            results.append((scale, metric.miou()))
+            results.append((scale, metric.miou(), metric.miou_all_classes()))
         if rank == 0:
-            print("input scale  mIoU")
-            for scale, miou in results:
-                print(f"{scale:>11.2f}  {miou:.2f}")
+            print("input scale   mIoU  mIoU (all)")
+            for scale, miou, miou_all in results:
+                print(f"{scale:>11.2f}  {miou:5.2f}  {miou_all:10.2f}")
+            print("mIoU: over the classes present; mIoU (all): over every class, an absent one counting 0 (the "
+                  "release's)")
     else:
         predict = build_predictor(model, args)
         metric = evaluate(predict, val_set, cfg, device, amp_dtype, rank, world_size, mode,
