@@ -354,7 +354,13 @@ def build_datasets(cfg: dict, splits_dir: str | Path = "splits") -> tuple[SemiDa
     nclass, crop_size = cfg["nclass"], cfg["crop_size"]
     scale_range, strong_views = tuple(cfg["scale_range"]), cfg["strong_views"]
     augmentation = cfg["augmentation"]
-    nsample = len(unlabeled) if cfg["truncate_labeled"] else max(len(unlabeled), len(labeled))
+    # Semi-supervised training pairs the lists step by step; supervised training has nothing to pair, so it cuts none.
+    cut = cfg["truncate_labeled"] and cfg["train_mode"] == "semi"
+    nsample = len(unlabeled) if cut else max(len(unlabeled), len(labeled))
+    if nsample < len(labeled):
+        logging.getLogger(LOGGER_NAME).warning(
+            f"{len(labeled) - nsample} of the {len(labeled)} labeled images of {labeled_path} are never used: the list "
+            f"is cut to the {nsample} unlabeled images, as the release does (truncate_labeled=false keeps them)")
     labeled_ds = SemiDataset(root, labeled, "train_l", nclass, crop_size, scale_range, strong_views, nsample=nsample,
                              source=str(labeled_path), augmentation=augmentation)
     unlabeled_ds = SemiDataset(root, unlabeled, "train_u", nclass, crop_size, scale_range, strong_views,

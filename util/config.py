@@ -90,9 +90,10 @@ SCHEMA: dict[str, Key | Section] = {
                           "itself, augmented independently (the release zips its unlabeled loader with itself); "
                           "other_image is another unlabeled image, from a loader shuffled on its own.",
                           default="same_image", choices=("same_image", "other_image")),
-    "truncate_labeled": Key(bool, "Cut the labeled list to the unlabeled list's length where it is longer, as the "
-                            "release does (Cityscapes 1_2); false keeps every labeled image. A shorter labeled list "
-                            "is repeated to the unlabeled length either way.", default=True),
+    "truncate_labeled": Key(bool, "In semi mode, cut the labeled list to the unlabeled list's length where it is "
+                            "longer, as the release does (Cityscapes 1_2: one labeled image is never used; the log "
+                            "warns how many); false keeps every labeled image. A shorter labeled list is repeated to "
+                            "the unlabeled length either way.", default=True),
     "workers": Key(int, "Data loader worker processes per loader.", default=4, ge=0),
     "lr": Key(float, "Learning rate of the backbone.", default=0.001, gt=0),
     "lr_multi": Key(float, "Learning-rate multiplier of the parameters outside the backbone.", default=10.0, gt=0),
