@@ -125,7 +125,7 @@ def predict_folder(predict: Callable, image_dir: str, save_dir: str, cfg: dict, 
     for path in tqdm(images, disable=not progress, desc="predict", leave=False):
         mask_path = Path(mask_dir, f"{path.stem}.png") if mask_dir else None
         image, mask = load_sample(path, mask_path if mask_path and mask_path.is_file() else None, cfg["nclass"])
-        prediction = predict_labels(predict, normalize(image)[None].to(device), mode, cfg["crop_size"], amp_dtype)
+        prediction = predict_labels(predict, normalize(image)[None].to(device), mode, cfg, amp_dtype)
         save_prediction(save_dir, path.stem, prediction[0], names, colors, image.permute(1, 2, 0).numpy(),
                         None if mask is None else mask.numpy())
     return len(images)
@@ -324,12 +324,15 @@ def evaluate_or_predict(args, model, cfg: dict, device: torch.device, rank: int,
         for scale in args.scales:
             predict = rescaled_predictor(model.predict, scale) if scale != 1.0 else model.predict
             metric = evaluate(predict, val_set, cfg, device, amp_dtype, rank, world_size, mode, progress=rank == 0)
-            results.append((scale, metric.miou()))
+            results.append((scale, metric.miou(), metric.miou_all_classes()))
         if rank == 0:
-            print("input scale  mIoU")
-            for scale, miou in results:
-                print(f"{scale:>11.2f}  {miou:.2f}")
-            figures = {"mode": mode, "scales": {f"{scale:g}": miou for scale, miou in results}}
+            print("input scale   mIoU  mIoU (all)")
+            for scale, miou, miou_all in results:
+                print(f"{scale:>11.2f}  {miou:5.2f}  {miou_all:10.2f}")
+            print("mIoU: over the classes present; mIoU (all): over every class, an absent one counting 0 (the "
+                  "release's)")
+        figures = {"mode": mode, "scales": {f"{scale:g}": miou for scale, miou, _ in results},
+                   "scales_all_classes": {f"{scale:g}": miou_all for scale, _, miou_all in results}}
     else:
         predict = build_predictor(model, args)
         saver = prediction_saver(args.save_dir, cfg, args.overlays) if args.save_dir is not None else None
@@ -337,7 +340,8 @@ def evaluate_or_predict(args, model, cfg: dict, device: torch.device, rank: int,
                           progress=rank == 0)
         if rank == 0:
             print(format_iou_table(names, metric.iou()))
-        figures = {"mode": mode, "miou": metric.miou(), "iou": dict(zip(names, metric.iou().tolist()))}
+        figures = {"mode": mode, "miou": metric.miou(), "miou_all_classes": metric.miou_all_classes(),
+                   "iou": dict(zip(names, metric.iou().tolist()))}
     if args.json is not None and rank == 0:
         write_json(args.json, {"checkpoint": picked, **figures})
 

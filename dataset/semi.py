@@ -186,7 +186,7 @@ class SemiDataset(Dataset):
     shapes and dtypes.
 
     Every listed image (and, outside train_u, mask) must exist; `source` names the samples' split file in errors.
-    `listed` is the number of samples before the labeled set is repeated to nsample.
+    `listed` is the number of samples before the labeled list is repeated, or cut, to nsample.
     """
 
     def __init__(self, root: str | Path, samples: list[tuple[str, str | None]], mode: str, nclass: int,
@@ -207,8 +207,8 @@ class SemiDataset(Dataset):
         self.augmentation = augmentation
         self.samples = self._resolve(samples, source)
         self.listed = len(self.samples)
-        # Repeat the (small) labeled set to the unlabeled set's length so one epoch walks both once.
-        if nsample is not None and nsample > len(self.samples):
+        # Repeat (or cut) the labeled list to the unlabeled length, as the release does, so one epoch walks both once.
+        if nsample is not None:
             self.samples = (self.samples * math.ceil(nsample / len(self.samples)))[:nsample]
 
     def _resolve(self, samples: list[tuple[str, str | None]], source: str) -> list[tuple[str, Path, Path | None]]:
@@ -354,8 +354,15 @@ def build_datasets(cfg: dict, splits_dir: str | Path = "splits") -> tuple[SemiDa
     nclass, crop_size = cfg["nclass"], cfg["crop_size"]
     scale_range, strong_views = tuple(cfg["scale_range"]), cfg["strong_views"]
     augmentation = cfg["augmentation"]
-    labeled_ds = SemiDataset(root, labeled, "train_l", nclass, crop_size, scale_range, strong_views,
-                             nsample=len(unlabeled), source=str(labeled_path), augmentation=augmentation)
+    # Semi-supervised training pairs the lists step by step; supervised training has nothing to pair, so it cuts none.
+    cut = cfg["truncate_labeled"] and cfg["train_mode"] == "semi"
+    nsample = len(unlabeled) if cut else max(len(unlabeled), len(labeled))
+    if nsample < len(labeled):
+        logging.getLogger(LOGGER_NAME).warning(
+            f"{len(labeled) - nsample} of the {len(labeled)} labeled images of {labeled_path} are never used: the list "
+            f"is cut to the {nsample} unlabeled images, as the release does (truncate_labeled=false keeps them)")
+    labeled_ds = SemiDataset(root, labeled, "train_l", nclass, crop_size, scale_range, strong_views, nsample=nsample,
+                             source=str(labeled_path), augmentation=augmentation)
     unlabeled_ds = SemiDataset(root, unlabeled, "train_u", nclass, crop_size, scale_range, strong_views,
                                source=str(unlabeled_path), augmentation=augmentation)
     val_ds = SemiDataset(root, val, "val", nclass, crop_size, source=str(val_path))
@@ -364,5 +371,6 @@ def build_datasets(cfg: dict, splits_dir: str | Path = "splits") -> tuple[SemiDa
 
 def dataset_summary(cfg: dict, labeled: SemiDataset, unlabeled: SemiDataset, val: SemiDataset) -> str:
     """One line for the log: dataset, split, root and the sample and class counts of build_datasets' result."""
-    return (f"{cfg['dataset']} split {cfg['split']} at {labeled.root}: {labeled.listed} labeled (repeated to "
+    resized = "cut" if len(labeled) < labeled.listed else "repeated"
+    return (f"{cfg['dataset']} split {cfg['split']} at {labeled.root}: {labeled.listed} labeled ({resized} to "
             f"{len(labeled)}), {len(unlabeled)} unlabeled, {len(val)} val samples, {cfg['nclass']} classes")

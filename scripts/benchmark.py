@@ -52,7 +52,7 @@ from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, cutmix_box  # noqa: 
 from model import build_model  # noqa: E402
 from util.config import ConfigError, validate  # noqa: E402
 from util.evaluation import averaged_predictor  # noqa: E402
-from util.inference import predict_probs, predict_sliding_window, window_starts  # noqa: E402
+from util.inference import predict_probs, predict_sliding_window, window_spans  # noqa: E402
 
 NCLASS = 6
 PASCAL_NCLASS = 21  # the GPU default is the Pascal setting: the logits of every view have this many channels
@@ -663,8 +663,8 @@ def section_eval(setup: Setup) -> str:
     # A Cityscapes image (1024 x 2048) shrunk like its 801 crop to this crop: sliding windows tile it 2 x 4.
     height, width = round(crop * 1024 / 801), round(crop * 2048 / 801)
     image = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(setup.device)
-    windows = len(window_starts(height, min(crop, height), max(1, crop * 2 // 3))) * \
-        len(window_starts(width, min(crop, width), max(1, crop * 2 // 3)))
+    stride = max(1, crop * 2 // 3)
+    windows = len(window_spans(height, crop, stride)) * len(window_spans(width, crop, stride))
     window_batch = inspect.signature(predict_sliding_window).parameters["window_batch"].default
     scales = "1, " + ", ".join(f"{s:g}" for s in EVAL_SCALES)
     predictors = {"single scale (1)": model.predict,

@@ -1,6 +1,7 @@
 """Parity against the authors' release: its own network code and this codebase's, the same weights, the same inputs.
 
     python scripts/release_parity.py RELEASE_DIR [--backbone resnet101] [--markdown parity.md] [--kernel] [key=value ...]
+    python scripts/release_parity.py RELEASE_DIR --eval [--eval-data VOC_DIR] [--eval-crop 321] [--backbone resnet50]
 
 RELEASE_DIR is the release's git directory (the `fetch` tool's mirror of github:lvliang6879/ScaleMatch) or a
 checkout. The release's network is built by ../shared/tools/release_model.py (--tool), which replaces only what cannot
@@ -18,7 +19,8 @@ An output passes when max|ours - release| <= 1e-4 x max|release output| in every
 the release's CUDA kernel (emulated by the tool) is from the paper's Bi-WKV formula that this codebase computes, on
 the op (T = 289 and 16641 tokens; the latter takes minutes) and on pred_joint. Exit status 1 when an output fails.
 key=value overrides configs/pascal.yaml for this codebase's side, e.g. cif_gate=paper, to measure how far a switch
-takes the network from the release.
+takes the network from the release. With --eval it compares evaluation instead: the release's evaluate() and
+eval.py's, in every mode (scripts/release_eval_parity.py says how).
 """
 import argparse
 import contextlib
@@ -37,6 +39,7 @@ from eval import load_trained_model  # noqa: E402
 from model.release import project_name  # noqa: E402
 from model.rwkv import bi_wkv  # noqa: E402
 from scripts.convert_release_checkpoint import convert  # noqa: E402
+from scripts.release_eval_parity import evaluation_parity  # noqa: E402
 
 TOLERANCE = 1e-4
 DEFAULT_TOOL = ROOT.parent / "shared" / "tools" / "release_model.py"
@@ -173,11 +176,21 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", choices=("resnet101", "resnet50"), default="resnet101")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernel", action="store_true", help="also measure the release kernel's deviation")
+    parser.add_argument("--eval", action="store_true", help="compare the release's evaluate() with eval.py's instead "
+                        "of the networks (scripts/release_eval_parity.py)")
+    parser.add_argument("--eval-data", help="with --eval: a folder of JPEGImages/ and SegmentationClass/ (default: "
+                        "synthetic images)")
+    parser.add_argument("--eval-crop", type=int, default=321, help="with --eval: crop_size (default 321)")
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for this codebase's side")
     args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     tool = load_tool(args.tool)
     started = time.time()
+    if args.eval:
+        lines, passed = evaluation_parity(tool, args.release_dir, args.backbone, args.seed, args.eval_data,
+                                          args.eval_crop)
+        lines += ["", f"{time.time() - started:.0f} s on {os.cpu_count()} CPU cores."]
+        return print_report(lines, args.markdown, passed)
     try:
         net = tool.build_release_model(args.release_dir, nclass=21, backbone=args.backbone, seed=args.seed)
     except tool.ReleaseError as error:
@@ -185,7 +198,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         release_checkpoint, converted = os.path.join(folder, "release.pth"), os.path.join(folder, "converted.pth")
         tool.write_release_checkpoint(net, release_checkpoint)
-        convert(release_checkpoint, converted, str(ROOT / "configs" / "pascal.yaml"), [f"backbone={args.backbone}", *args.overrides])
+        convert(release_checkpoint, converted, str(ROOT / "configs" / "pascal.yaml"),
+                [f"backbone={args.backbone}", *args.overrides])
         model, _, _ = load_trained_model(converted, torch.device("cpu"))
     info = net.release_info
     header = (f"Release {info['commit']}, {args.backbone}, nclass 21, seed {args.seed}, Bi-WKV '{info['wkv']}' "
@@ -200,11 +214,16 @@ def main(argv=None) -> int:
                                               seed=args.seed)
         report += ["", *kernel_deviation(tool, net, kernel_net, args.seed, [289, 16641])]
     report += ["", f"{time.time() - started:.0f} s on {os.cpu_count()} CPU cores."]
-    text = "\n".join(report)
+    return print_report(report, args.markdown, worst.passed())
+
+
+def print_report(lines: list[str], markdown: str | None, passed: bool) -> int:
+    """Print ``lines`` (and write them to ``markdown``); the exit status: 0 when ``passed``, else 1."""
+    text = "\n".join(lines)
     print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    return 0 if worst.passed() else 1
+    if markdown:
+        Path(markdown).write_text(text + "\n")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -291,3 +291,16 @@ def test_method_switch_combinations(tmp_path):
     with pytest.raises(ConfigError, match=r"'img_scales' must be list of 1 or more floats > 0, got list \[\]"):
         load(tmp_path, overrides=["img_scales=[]"])
     assert load(tmp_path, overrides=["img_scales=[2]"])["img_scales"] == [2.0]
+
+
+def test_keys_that_name_a_run_and_keys_a_resume_may_change_are_schema_properties():
+    from util.config import keys_added_since, operational_keys, resumable_keys
+    assert set(operational_keys()) == {"workers", "log_interval", "image_log_interval", "checkpoint_interval",
+                                       "on_nonfinite_loss", "exp_dir", "run_name"}
+    assert set(operational_keys()) < set(resumable_keys())
+    assert {"epochs", "eval_mode", "data_root", "splits_dir", "amp"} <= set(resumable_keys())
+    assert not {"lr", "seed", "data_order", "loss_weights", "backbone"} & set(resumable_keys())
+    # A run whose config predates the release's sampling trained with the old one.
+    assert keys_added_since({"lr": 0.001}) == {"data_order": "independent", "cutmix_partner": "other_image",
+                                               "truncate_labeled": False}
+    assert keys_added_since({"data_order": "release", "cutmix_partner": "same_image", "truncate_labeled": True}) == {}

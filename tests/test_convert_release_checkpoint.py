@@ -278,9 +278,9 @@ def test_the_script_exits_with_status_2(release_files, tmp_path):
 def assert_miou_table(stdout, out):
     assert f"checkpoint {out} (epoch 3), 4 val images" in stdout
     table = stdout[stdout.index("class "):].splitlines()
-    assert table[1].split()[0] == "background" and len(table) == 1 + 21 + 1
-    name, miou = table[-1].split()
-    assert name == "mIoU" and 0 <= float(miou) <= 100
+    assert table[1].split()[0] == "background" and len(table) == 1 + 21 + 2
+    name, miou = table[-1].split()[:2]
+    assert name == "mIoU" and 0 <= float(miou) <= 100 and table[-2].startswith("mIoU (all)")
 
 
 @pytest.mark.parametrize("flags", [[], ["--multiscale-cif"]])

@@ -32,7 +32,8 @@ def tree(tmp_path):
     _write(splits / "pascal/s/unlabeled.txt", [f"JPEGImages/{n}.jpg" for n in NAMES[2:4]])
     _write(splits / "pascal/val.txt", [_line(n) for n in NAMES[4:]])
     cfg = {"dataset": "pascal", "data_root": str(root), "nclass": 21, "split": "s", "crop_size": 16,
-           "scale_range": [0.5, 2.0], "strong_views": 1, "augmentation": "release"}
+           "scale_range": [0.5, 2.0], "strong_views": 1, "augmentation": "release", "truncate_labeled": True,
+           "train_mode": "semi"}
     return cfg, root, splits
 
 

@@ -82,7 +82,7 @@ def test_make_splits_folder_names_what_is_missing(tmp_path):
 def test_folder_dataset_end_to_end(tmp_path):
     _folder_tree(tmp_path / "data")
     make_splits.main(["folder", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "splits")])
-    cfg = load_config(_config(tmp_path), ["split=all"])
+    cfg = load_config(_config(tmp_path), ["split=all", "truncate_labeled=false"])  # as configs/folder_example.yaml
     labeled, unlabeled, val = build_datasets(cfg, cfg["splits_dir"])
     assert dataset_summary(cfg, labeled, unlabeled, val) == (
         f"folder split all at {tmp_path / 'data'}: 8 labeled (repeated to 8), 3 unlabeled, 2 val samples, 3 classes")

@@ -1,7 +1,10 @@
 import torch
 import torch.nn.functional as F
 
-from util.inference import center_crop, predict_probs, predict_sliding_window, rescaled_predictor, window_starts
+import pytest
+
+from util.inference import (center_crop, predict_probs, predict_sliding_window, rescaled_predictor, window_spans,
+                            window_starts)
 from util.resize import rescale, resize_to, scaled_size
 
 
@@ -27,6 +30,40 @@ def test_window_starts_cover_every_position_and_end_flush():
         assert starts[0] == 0
         assert min(length, starts[-1] + window) == length
         assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+def test_release_windows_start_every_two_thirds_of_the_crop_and_are_cut_at_the_border():
+    # Cityscapes at crop 801: stride int(801 * 2 / 3) = 534.
+    rows, columns = window_spans(1024, 801, 534), window_spans(2048, 801, 534)
+    assert rows == [(0, 801), (534, 1024)]
+    assert columns == [(0, 801), (534, 1335), (1068, 1869), (1602, 2048)]
+    cut = [(r, c) for r in rows for c in columns if r[1] - r[0] < 801 or c[1] - c[0] < 801]
+    assert len(rows) * len(columns) == 8 and len(cut) == 5
+    # A Pascal image, 375 x 500 at crop 321 (stride 214): a 72-pixel sliver at the right.
+    assert window_spans(375, 321, 214) == [(0, 321), (214, 375)]
+    assert window_spans(500, 321, 214) == [(0, 321), (214, 500), (428, 500)]
+    # Shorter than the crop: the whole side, and a sliver where the stride still starts inside it.
+    assert window_spans(10, 32, 21) == [(0, 10)]
+    assert window_spans(30, 32, 21) == [(0, 30), (21, 30)]
+
+
+def test_flush_windows_are_whole_and_the_last_ends_at_the_border():
+    assert window_spans(2048, 801, 534, "flush") == [(0, 801), (534, 1335), (1068, 1869), (1247, 2048)]
+    assert window_spans(1024, 801, 534, "flush") == [(0, 801), (223, 1024)]
+    assert window_spans(30, 32, 21, "flush") == [(0, 30)]
+    with pytest.raises(ValueError, match="placement must be one of"):
+        window_spans(30, 32, 21, "centred")
+
+
+@pytest.mark.parametrize("placement, sizes", [
+    ("release", {(24, 24), (24, 22), (24, 6), (8, 24), (8, 22), (8, 6)}), ("flush", {(24, 24)})])
+def test_sliding_window_runs_the_windows_its_placement_gives(placement, sizes):
+    predict, calls = pointwise_predictor()
+    images = torch.randn(1, 3, 40, 70)
+    tiled = predict_sliding_window(predict, images, crop_size=24, window_batch=1, placement=placement)
+    assert {tuple(shape[-2:]) for shape in calls} == sizes
+    assert len(calls) == (3 * 5 if placement == "release" else 2 * 4)
+    torch.testing.assert_close(tiled, predict(images).softmax(dim=1), rtol=1e-5, atol=1e-6)
 
 
 def test_sliding_window_equals_whole_image_for_pointwise_model():

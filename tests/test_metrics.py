@@ -57,6 +57,16 @@ def test_iou_and_miou_are_percentages():
     assert metric.miou() == pytest.approx(50.0)
 
 
+def test_the_release_mean_counts_an_absent_class_as_zero():
+    metric = MeanIoU(4)
+    metric.update(PRED, TARGET)
+    assert metric.miou_all_classes() == pytest.approx((100 / 3 + 200 / 3 + 50.0 + 0.0) / 4)
+    every_class = MeanIoU(3)
+    every_class.update(PRED, TARGET)
+    assert every_class.miou_all_classes() == pytest.approx(every_class.miou())
+    assert MeanIoU(3).miou_all_classes() == 0.0
+
+
 def test_accumulation_over_batches_equals_one_batch():
     generator = torch.Generator().manual_seed(0)
     pred = torch.randint(0, 5, (4, 9, 7), generator=generator)
@@ -96,7 +106,8 @@ def test_format_iou_table():
         "cat           66.67",
         "dog           50.00",
         "person          n/a",
-        "mIoU          50.00",
+        "mIoU (all)    37.50  over all 4 classes, 0 for a class absent from predictions and masks (the release's)",
+        "mIoU          50.00  over the 3 classes present",
     ]
     with pytest.raises(ValueError, match="3 class names for 4 IoU values"):
         format_iou_table(["a", "b", "c"], iou)

@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dataset.semi import DatasetError, SemiDataset, build_datasets, dataset_summary, read_mask, read_split
+from util.logging import LOGGER_NAME
 
 HEIGHT, WIDTH = 40, 56
 
@@ -134,11 +136,12 @@ def test_val_item_is_the_full_image(tmp_path):
     assert item["id"] == samples[2][0]
 
 
-def test_labeled_set_is_repeated_to_nsample_and_never_cut(tmp_path):
+def test_labeled_list_is_repeated_or_cut_to_nsample_as_the_release_does(tmp_path):
     samples = _voc_tree(tmp_path)
     repeated = SemiDataset(tmp_path, samples, "train_l", nclass=21, crop_size=32, nsample=8)
     assert len(repeated) == 8 and [s[0] for s in repeated.samples] == [s[0] for s in samples * 3][:8]
-    assert len(SemiDataset(tmp_path, samples, "train_l", nclass=21, crop_size=32, nsample=2)) == 3
+    cut = SemiDataset(tmp_path, samples, "train_l", nclass=21, crop_size=32, nsample=2)
+    assert [s[0] for s in cut.samples] == [s[0] for s in samples[:2]] and cut.listed == 3
 
 
 def test_segmentation_class_aug_is_accepted_for_segmentation_class_paths(tmp_path):
@@ -161,7 +164,8 @@ def test_missing_files_are_named_with_their_source(tmp_path):
 
 def _cfg(root: Path, **overrides) -> dict:
     cfg = {"dataset": "pascal", "data_root": str(root), "split": "92", "crop_size": 32, "scale_range": [0.5, 2.0],
-           "strong_views": 2, "nclass": 21, "augmentation": "release"}
+           "strong_views": 2, "nclass": 21, "augmentation": "release", "truncate_labeled": True,
+           "train_mode": "semi"}
     return cfg | overrides
 
 
@@ -179,6 +183,28 @@ def test_build_datasets_reads_the_split_files(tmp_path):
     batch = next(iter(DataLoader(unlabeled, batch_size=2)))
     assert batch["image_weak"].shape == (2, 3, 32, 32) and len(batch["image_strong"]) == 2
     assert batch["cutmix_box"][1].shape == (2, 32, 32) and (batch["mask"] == 255).all()
+
+
+@pytest.mark.parametrize("truncate, train_mode, expected", [(True, "semi", 2), (False, "semi", 3),
+                                                             (True, "supervised", 3)])
+def test_a_labeled_list_longer_than_the_unlabeled_is_cut_in_semi_mode_unless_asked_not_to(tmp_path, caplog, truncate,
+                                                                                          train_mode, expected):
+    root, splits = tmp_path / "voc", tmp_path / "splits"
+    samples = [f"{image} {mask}" for image, mask in _voc_tree(root, count=6)]
+    _write_lines(splits / "pascal/92/labeled.txt", samples[:3])
+    _write_lines(splits / "pascal/92/unlabeled.txt", [line.split()[0] for line in samples[3:5]])
+    _write_lines(splits / "pascal/val.txt", samples[5:])
+    cfg = _cfg(root, truncate_labeled=truncate, train_mode=train_mode)
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        labeled, unlabeled, val = build_datasets(cfg, splits)
+    assert [s[0] for s in labeled.samples] == [line.split()[0] for line in samples[:expected]]
+    resized = "cut to 2" if expected == 2 else "repeated to 3"
+    assert dataset_summary(cfg, labeled, unlabeled, val) == (
+        f"pascal split 92 at {root}: 3 labeled ({resized}), 2 unlabeled, 1 val samples, 21 classes")
+    warned = [record.getMessage() for record in caplog.records if "never used" in record.getMessage()]
+    assert warned == ([f"1 of the 3 labeled images of {splits / 'pascal/92/labeled.txt'} are never used: the list is "
+                       "cut to the 2 unlabeled images, as the release does (truncate_labeled=false keeps them)"]
+                      if expected == 2 else [])
 
 
 def test_build_datasets_missing_split_tells_how_to_make_it(tmp_path):

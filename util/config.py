@@ -41,6 +41,8 @@ class Key:
     path: bool = False  # a filesystem path: a leading ~ is expanded
     operational: bool = False  # how a run is watched or where it lives, never what it trains: not in the run's name
     resumable: bool = False  # a resumed run may change it (operational keys always may)
+    # How runs behaved before the key existed, where that differs from its default: such a run resumes only with it.
+    before_key: Any = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,23 @@ SCHEMA: dict[str, Key | Section] = {
                         "tensor pipeline (2.4x faster per worker at crop 513, equal to the release within the "
                         "tolerances of tests/test_transforms.py, hue as a rotation about the gray axis).",
                         default="release", choices=("release", "fast")),
+    "data_order": Key(str, "release: the labeled and the unlabeled loader walk one permutation, the one torch's "
+                      "DistributedSampler(shuffle=True, seed=sampler_seed) gives each process after set_epoch(epoch) "
+                      "(the release's multi-GPU runs; unlabeled image j shares its step with labeled image j mod L); "
+                      "independent: each loader its own permutation, drawn from seed.", default="release",
+                      choices=("release", "independent"), before_key="independent"),
+    "sampler_seed": Key(int, "Seed of the data order with data_order: release. The release leaves DistributedSampler's "
+                        "seed at 0, so all its runs see one order; it does not follow seed (which seeds "
+                        "augmentation, initialisation and dropout): to vary the order with seed, set it too.",
+                        default=0, ge=0),
+    "cutmix_partner": Key(str, "Image mixed into each unlabeled image by CutMix: same_image is the unlabeled batch "
+                          "itself, augmented independently (the release zips its unlabeled loader with itself); "
+                          "other_image is another unlabeled image, from a loader shuffled on its own.",
+                          default="same_image", choices=("same_image", "other_image"), before_key="other_image"),
+    "truncate_labeled": Key(bool, "In semi mode, cut the labeled list to the unlabeled list's length where it is "
+                            "longer, as the release does (Cityscapes 1_2: one labeled image is never used; the log "
+                            "warns how many); false keeps every labeled image. A shorter labeled list is repeated to "
+                            "the unlabeled length either way.", default=True, before_key=False),
     "workers": Key(int, "Data loader worker processes per loader.", default=4, ge=0, operational=True),
     "lr": Key(float, "Learning rate of the backbone.", default=0.001, gt=0),
     "lr_multi": Key(float, "Learning-rate multiplier of the parameters outside the backbone.", default=10.0, gt=0),
@@ -134,7 +153,8 @@ SCHEMA: dict[str, Key | Section] = {
                         gt=0),
     "backbone": Key(str, "Backbone: deep-stem ResNets, or torchvision's ResNets (tv_*).", default="resnet101",
                     choices=("resnet50", "resnet101", "tv_resnet18", "tv_resnet34", "tv_resnet50", "tv_resnet101")),
-    "pretrained": Key(str, "Local backbone checkpoint (null: random initialisation).", nullable=True, path=True, resumable=True),
+    "pretrained": Key(str, "Local backbone checkpoint (null: random initialisation).", nullable=True, path=True,
+                      resumable=True),
     "replace_stride_with_dilation": Key(list, "Per ResNet stage 2-4: dilate instead of striding.",
                                         default=[False, False, True], item=bool, length=3),
     "dilations": Key(list, "Atrous rates of the ASPP branches.", default=[6, 12, 18], item=int, length=3, ge=1),
@@ -146,9 +166,16 @@ SCHEMA: dict[str, Key | Section] = {
     "seed": Key(int, "Random seed.", default=42, ge=0),
     "eval_mode": Key(str, "Validation inference: whole image, centre crop, or sliding windows of crop_size.",
                      default="original", choices=("original", "center_crop", "sliding_window"), resumable=True),
+    "sliding_window_placement": Key(str, "Windows of eval_mode sliding_window: release starts one at 0 and every 2/3 "
+                                    "of crop_size after, cutting those that cross the border (slivers included: "
+                                    "Cityscapes 1024 x 2048 at crop 801 gives 8 windows, 5 of them cut), as the "
+                                    "release's evaluate() does; flush keeps every window whole, the last one flush "
+                                    "with the border.", default="release", choices=("release", "flush"),
+                                    resumable=True),
     "eval_interval": Key(int, "Evaluate every this many epochs.", default=1, ge=1, resumable=True),
     "log_interval": Key(int, "Log the losses every this many iterations.", default=20, ge=1, operational=True),
-    "image_log_interval": Key(int, "Log image panels every this many iterations (0: never).", default=200, ge=0, operational=True),
+    "image_log_interval": Key(int, "Log image panels every this many iterations (0: never).", default=200, ge=0,
+                              operational=True),
     "checkpoint_interval": Key(int, "Also write latest.pth every this many iterations (0: at epoch ends only).",
                                default=500, ge=0, operational=True),
     "on_nonfinite_loss": Key(str, "A NaN/inf loss stops the run (the last checkpoint stays intact), or skips the step "
@@ -162,6 +189,12 @@ SCHEMA: dict[str, Key | Section] = {
 def operational_keys() -> tuple[str, ...]:
     """Keys that change how a run is watched or where it lives, never what it trains: the run name leaves them out."""
     return tuple(name for name, entry in SCHEMA.items() if isinstance(entry, Key) and entry.operational)
+
+
+def keys_added_since(saved: dict) -> dict[str, Any]:
+    """Keys that a run's ``saved`` config predates and whose default changed its behaviour: {key: how it behaved}."""
+    return {name: entry.before_key for name, entry in SCHEMA.items()
+            if isinstance(entry, Key) and entry.before_key is not None and name not in saved}
 
 
 def resumable_keys() -> tuple[str, ...]:

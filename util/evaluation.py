@@ -35,10 +35,11 @@ def averaged_predictor(predict: Callable, scales: list[float], flip: bool) -> Ca
     return predict_averaged
 
 
-def predict_labels(predict: Callable, image: torch.Tensor, mode: str, crop_size: int, amp_dtype=None) -> torch.Tensor:
-    """(1, H, W) class indices of a normalised (1, 3, H, W) image in evaluation ``mode``."""
+def predict_labels(predict: Callable, image: torch.Tensor, mode: str, cfg: dict, amp_dtype=None) -> torch.Tensor:
+    """(1, H, W) class indices of a normalised (1, 3, H, W) image in evaluation ``mode``, tiled as cfg says."""
     with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        return predict_probs(predict, image, mode, crop_size).argmax(dim=1)
+        probs = predict_probs(predict, image, mode, cfg["crop_size"], cfg["sliding_window_placement"])
+        return probs.argmax(dim=1)
 
 
 @torch.no_grad()
@@ -60,7 +61,7 @@ def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dt
         mask = sample["mask"].to(device)
         if mode == "center_crop":
             image, mask = center_crop(image, mask, cfg["crop_size"])
-        prediction = predict_labels(predict, image, mode, cfg["crop_size"], amp_dtype)
+        prediction = predict_labels(predict, image, mode, cfg, amp_dtype)
         metric.update(prediction, mask)
         if on_prediction is not None:
             on_prediction(sample["id"][0], image[0], mask[0], prediction[0])

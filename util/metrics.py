@@ -61,17 +61,32 @@ class MeanIoU:
         """Mean IoU in percent over the classes with a non-empty union (nan when there is none)."""
         return torch.nanmean(self.iou()).item()
 
+    def miou_all_classes(self) -> float:
+        """Mean IoU in percent over all num_classes, a class absent from predictions and targets counting 0: the
+        release's mIoU (its intersection / (union + 1e-10)). Equal to miou() when every class is present."""
+        return all_classes_mean(self.iou())
+
+
+def all_classes_mean(iou: torch.Tensor) -> float:
+    """Mean of per-class IoU (percent, nan for an absent class) over all classes, an absent class counting 0."""
+    return torch.nan_to_num(iou.double(), nan=0.0).mean().item()
+
 
 def format_iou_table(class_names: Sequence[str], iou: torch.Tensor) -> str:
-    """Per-class IoU (percent, e.g. from MeanIoU.iou()) as aligned text, one class a line, then the mean."""
+    """Per-class IoU (percent, e.g. from MeanIoU.iou()) as aligned text, one class a line, then two means: over all
+    classes, an absent one counting 0 (the release's mIoU), and, last, over the classes present."""
     if len(class_names) != len(iou):
         raise ValueError(f"{len(class_names)} class names for {len(iou)} IoU values")
-    width = max(len(name) for name in [*class_names, "mIoU"])
+    all_classes = "mIoU (all)"
+    width = max(len(name) for name in [*class_names, all_classes])
 
     def row(name: str, value: float) -> str:
         return f"{name:<{width}}  {'n/a' if math.isnan(value) else f'{value:.2f}':>7}"
 
+    present = int((~iou.isnan()).sum())
     lines = [f"{'class':<{width}}  {'IoU (%)':>7}"]
     lines += [row(name, value) for name, value in zip(class_names, iou.tolist())]
-    lines.append(row("mIoU", torch.nanmean(iou.double()).item()))
+    lines.append(row(all_classes, all_classes_mean(iou))
+                 + f"  over all {len(iou)} classes, 0 for a class absent from predictions and masks (the release's)")
+    lines.append(row("mIoU", torch.nanmean(iou.double()).item()) + f"  over the {present} classes present")
     return "\n".join(lines)

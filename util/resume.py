@@ -8,7 +8,7 @@ import os
 from torch import nn
 
 from util.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from util.config import resumable_keys
+from util.config import keys_added_since, resumable_keys
 from util.dist import gather_to_main
 from util.sampling import rng_state, set_rng_state
 
@@ -32,7 +32,15 @@ def flatten(cfg: dict, prefix: str = "") -> dict:
 
 
 def check_resume_config(saved: dict, cfg: dict, path: str, logger) -> None:
-    """Refuse, in one line naming every such key, a resume whose settings change the experiment."""
+    """Refuse, in one line naming every such key, a resume whose settings change the experiment, including a key
+    added since the run started whose default would change how it trains."""
+    older = {key: value for key, value in keys_added_since(saved).items() if cfg[key] != value}
+    if older:
+        raise CheckpointError(f"{path}: refusing to resume: it started before "
+                              + ", ".join(f"'{key}' existed and trained as {key}={value!r}"
+                                          for key, value in older.items())
+                              + "; add " + " ".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                                                    for key, value in older.items()) + " to resume it")
     before, now = flatten(saved), flatten(cfg)
     changed = [key for key in now if key in before and before[key] != now[key]]
     resumable = resumable_keys()
