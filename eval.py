@@ -29,6 +29,7 @@ from dataset.classes import class_names, class_palette
 from dataset.semi import DatasetError, build_val_dataset, load_sample
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from model import build_model
+from util.bounded_exit import Teardown
 from util.checkpoint import CheckpointError, find_latest_run, load_checkpoint, load_model_state
 from util.config import ConfigError, validate
 from util.dist import cleanup, init_distributed, report_failure
@@ -109,19 +110,21 @@ def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dt
                         generator=torch.Generator())
     metric = MeanIoU(cfg["nclass"], device=device)
     names, colors = class_names(cfg), class_palette(cfg)
-    for sample in tqdm(loader, disable=not progress, desc="eval", leave=False):
-        image = sample["image"].to(device)
-        mask = sample["mask"].to(device)
-        if mode == "center_crop":
-            image, mask = center_crop(image, mask, cfg["crop_size"])
-        prediction = predict_labels(predict, image, mode, cfg["crop_size"], amp_dtype)
-        metric.update(prediction, mask)
-        if save_dir is not None:
-            stem = os.path.splitext(os.path.basename(sample["id"][0]))[0]
-            picture, ground_truth = None, None
-            if overlays:
-                picture, ground_truth = denormalize(image[0]), mask[0].cpu().numpy().astype(np.uint8)
-            save_prediction(save_dir, stem, prediction[0], names, colors, picture, ground_truth)
+    with Teardown() as teardown:
+        for sample in tqdm(teardown.iterate(loader), total=len(loader), disable=not progress, desc="eval",
+                           leave=False):
+            image = sample["image"].to(device)
+            mask = sample["mask"].to(device)
+            if mode == "center_crop":
+                image, mask = center_crop(image, mask, cfg["crop_size"])
+            prediction = predict_labels(predict, image, mode, cfg["crop_size"], amp_dtype)
+            metric.update(prediction, mask)
+            if save_dir is not None:
+                stem = os.path.splitext(os.path.basename(sample["id"][0]))[0]
+                picture, ground_truth = None, None
+                if overlays:
+                    picture, ground_truth = denormalize(image[0]), mask[0].cpu().numpy().astype(np.uint8)
+                save_prediction(save_dir, stem, prediction[0], names, colors, picture, ground_truth)
     metric.all_reduce()
     return metric
 
@@ -226,6 +229,7 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=["original", "center_crop", "sliding_window"],
                         help="evaluation mode (default: the checkpoint config's eval_mode)")
     parser.add_argument("--data-root", help="dataset root, if it moved since training")
+    parser.add_argument("--splits-dir", help="folder of the split files (DATASET/val.txt), if it moved since training")
     parser.add_argument("--save-dir", help="write predictions here as palette PNGs")
     parser.add_argument("--overlays", action="store_true",
                         help="with --save-dir, also write STEM_overlay.png: image | prediction | ground truth")
@@ -270,8 +274,9 @@ def parse_args(argv=None):
                              "sliding_window")
         if args.scales:
             raise SystemExit("error: --scales is for evaluation; --predict-dir cannot be combined with it")
-        if args.data_root is not None:
-            raise SystemExit("error: --data-root is for evaluation; --predict-dir reads no dataset")
+        for option, given in (("--data-root", args.data_root), ("--splits-dir", args.splits_dir)):
+            if given is not None:
+                raise SystemExit(f"error: {option} is for evaluation; --predict-dir reads no dataset")
     elif args.mask_dir is not None:
         raise SystemExit("error: --mask-dir needs --predict-dir")
     if args.overlays and args.save_dir is None:
@@ -353,7 +358,8 @@ def evaluate_or_predict(args, model, cfg: dict, device: torch.device, rank: int,
                                mode, args.mask_dir, rank, world_size, progress=rank == 0)
         print(f"wrote {count} predictions and overlays to {args.save_dir}")
         return
-    val_set = build_val_dataset(cfg, cfg["splits_dir"], data_root_hint="pass --data-root DIR")
+    val_set = build_val_dataset(cfg, args.splits_dir or cfg["splits_dir"], data_root_hint="pass --data-root DIR",
+                                splits_dir_hint="pass --splits-dir DIR if the split files moved")
     mode = args.mode or cfg["eval_mode"]
     names = class_names(cfg)
     if rank == 0:

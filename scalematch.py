@@ -27,6 +27,7 @@ from dataset.semi import DatasetError, build_datasets, dataset_summary
 from eval import autocast_dtype, denormalize, evaluate
 from model import build_model
 from model.backbone import PretrainedError
+from util.bounded_exit import Teardown
 from util.checkpoint import (CheckpointError, RunDirectoryError, directories_to_create, load_checkpoint,
                               load_model_state, lock_run_directory, release_run_directory, remove_stale_temporaries,
                               remove_unstarted_run, save_checkpoint, write_atomically)
@@ -603,9 +604,10 @@ def main(argv=None) -> None:
         return lock_note, remove_stale_temporaries(run_dir, locked=lock is not None)
 
     try:
-        lock_note, removed = on_main(claim_run_directory, is_main)
-        train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, lock_note] + [
-            f"removed {name}, left by a save that was killed" for name in removed])
+        with Teardown() as teardown:  # loader workers and the events writer end on every way out
+            lock_note, removed = on_main(claim_run_directory, is_main)
+            train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, lock_note] + [
+                f"removed {name}, left by a save that was killed" for name in removed], teardown)
     except (ConfigError, DatasetError, PretrainedError):
         # A run that could not start leaves no directory behind, where this launch made it.
         release_run_directory(lock)
@@ -617,7 +619,7 @@ def main(argv=None) -> None:
     cleanup()
 
 
-def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> None:
+def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes, teardown) -> None:
     """Train the run in ``run_dir`` (locked by rank 0) from its latest.pth, or from the start."""
     is_main = rank == 0
     latest, best = os.path.join(run_dir, "latest.pth"), os.path.join(run_dir, "best.pth")
@@ -631,9 +633,9 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> No
     logger.info(f"run {run_dir} | {world_size} process(es) on {device} | "
                 + dataset_summary(cfg, labeled_set, unlabeled_set, val_set))
     batch = cfg["batch_size"]
-    loaders = (make_loader(labeled_set, cfg, cfg["seed"] + 1, world_size, rank, batch),
-               make_loader(unlabeled_set, cfg, cfg["seed"] + 2, world_size, rank, batch),
-               make_loader(unlabeled_set, cfg, cfg["seed"] + 3, world_size, rank, batch))
+    loaders = teardown.loaders(make_loader(labeled_set, cfg, cfg["seed"] + 1, world_size, rank, batch),
+                               make_loader(unlabeled_set, cfg, cfg["seed"] + 2, world_size, rank, batch),
+                               make_loader(unlabeled_set, cfg, cfg["seed"] + 3, world_size, rank, batch))
     iters_per_epoch = len(loaders[1]) if semi else len(loaders[0])
     if cfg["iters_per_epoch"] is not None:
         iters_per_epoch = min(iters_per_epoch, cfg["iters_per_epoch"])
@@ -686,7 +688,7 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> No
         ensure_finite(net, progress["iteration"], world_size, device)
         save([latest])
 
-    writer = RunEvents(run_dir) if is_main else None
+    writer = teardown.closing(RunEvents(run_dir) if is_main else None)
     names = class_names(cfg)
     while progress["epoch"] < cfg["epochs"]:
         epoch = progress["epoch"]
