@@ -79,12 +79,20 @@ def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: l
     labels = prediction.cpu().numpy().astype(np.uint8)
     path = os.path.join(save_dir, f"{stem}.png")
     try:
-        palette_image(labels, colors).save(path)
+        palette_image(labels, colors).save(writable(path))
         if image is not None:
             path = os.path.join(save_dir, f"{stem}_overlay.png")
-            overlay_figure(image, labels, names, colors, ground_truth).save(path)
+            overlay_figure(image, labels, names, colors, ground_truth).save(writable(path))
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def writable(path: str) -> str:
+    """``path``, refused where a FIFO or a device is in its place: opening a FIFO to write waits for a reader,
+    forever if none comes."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: a FIFO or device is in its place, not a file")
+    return path
 
 
 def autocast_dtype(cfg: dict, device: torch.device):

@@ -1,6 +1,7 @@
 """Every failure ends the process in bounded time: a data error met by loader workers (each kind, in each loader,
 in training, in its evaluation and in eval.py, alone and under torchrun), and the other places a run could block.
 Each run is a subprocess with a hard timeout: a hang fails its test, it never hangs the suite."""
+import multiprocessing
 import os
 import shutil
 import signal
@@ -12,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from conftest import REPO, command_env, train_command, write_tiny_voc
 from model import build_model
+from test_fault_tolerance import checkpoint_iteration, child_pids
+from util.bounded_exit import Teardown, kill_lingering_children
 from util.config import validate
 from util.sampling import ResumableSampler
 
@@ -43,29 +47,40 @@ def processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-def run_bounded(command: list[str], marker: str, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run `command` to its end within `timeout_s`; past it, kill every process of the run and fail. Also fails if
-    a process of the run (a loader worker) outlives it."""
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+def end_all(process, marker):
+    """SIGKILL `process` and every process whose command line holds `marker`."""
+    for pid in [process.pid] + processes_mentioning(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def ended_within(process, marker, timeout_s: float = RUN_TIMEOUT_S) -> str:
+    """`process`'s stderr once it and every process of its run (command lines holding `marker`) have ended, within
+    `timeout_s`; past it, kill them all and fail: a hang fails the test, never hangs the suite."""
     try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
+        _, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        for pid in [process.pid] + processes_mentioning(marker):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command[:4]} did not end within {timeout_s} s; its stderr:\n{stderr[-2000:]}")
-    deadline = time.monotonic() + 10  # a worker that sees its parent gone ends within 5 s
+        end_all(process, marker)
+        pytest.fail(f"the run did not end within {timeout_s} s")
+    deadline = time.monotonic() + 10
     while processes_mentioning(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = processes_mentioning(marker)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes of the run outlived it: {left}"
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return stderr
+
+
+def run_bounded(command: list[str], marker: str) -> subprocess.CompletedProcess:
+    """Run `command` (its processes' command lines holding `marker`) as ended_within lets it."""
+    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    stderr = ended_within(process, marker)
+    return subprocess.CompletedProcess(command, process.returncode, None, stderr)
 
 
 def tiny_dataset(base):
@@ -232,3 +247,116 @@ def test_a_killed_launcher_is_noticed_with_the_cpu_saturated(tmp_path, killed):
                 os.kill(worker, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+class EndlessDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return index
+
+
+def ignoring_sigterm(worker_id):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def live_children() -> list[int]:
+    return [child.pid for child in multiprocessing.active_children()]
+
+
+def test_teardown_shuts_down_persistent_workers_that_ignore_sigterm_on_an_error():
+    """The situation of a failing run: an iterator, still referenced by the error's traceback, whose workers
+    ignore SIGTERM; interpreter exit would join them forever."""
+    loader = DataLoader(EndlessDataset(), batch_size=2, num_workers=2, persistent_workers=True,
+                        worker_init_fn=ignoring_sigterm)
+    closed = []
+
+    class Writer:
+        def close(self):
+            closed.append(True)
+
+    with pytest.raises(ValueError):
+        with Teardown() as teardown:
+            teardown.loaders(loader)
+            teardown.closing(Writer())
+            next(iter(loader))
+            assert len(live_children()) == 2
+            raise ValueError("a data error")
+    assert live_children() == [] and closed == [True]
+
+
+def test_teardown_shuts_down_the_iterators_it_hands_out_on_ctrl_c():
+    loader = DataLoader(EndlessDataset(), batch_size=2, num_workers=2)
+    with pytest.raises(KeyboardInterrupt):
+        with Teardown() as teardown:
+            batches = teardown.iterate(loader)
+            next(batches)
+            raise KeyboardInterrupt
+    assert live_children() == []
+
+
+def sleep_ignoring_sigterm():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(3600)
+
+
+def test_a_child_still_alive_at_exit_is_killed_after_the_grace():
+    child = multiprocessing.get_context("fork").Process(target=sleep_ignoring_sigterm, daemon=True)
+    child.start()
+    started = time.monotonic()
+    assert kill_lingering_children(grace_s=0.5) == [child.pid]
+    assert not child.is_alive() and child.exitcode == -signal.SIGKILL
+    assert time.monotonic() - started < 0.5 + 5
+
+
+def start_training(data, exp_dir, ngpus: int) -> subprocess.Popen:
+    """A long run with loader workers, returned once its first checkpoint shows it training."""
+    command = train_command(data, exp_dir, ngpus, "workers=2", "epochs=50", "checkpoint_interval=1",
+                            "image_log_interval=0", "run_name=long")
+    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    latest = os.path.join(exp_dir, "pascal", "tiny", "long", "latest.pth")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while checkpoint_iteration(latest) < 1:
+        if process.poll() is not None or time.monotonic() > deadline:
+            end_all(process, str(exp_dir))
+            pytest.fail(f"the run did not start training: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_loader_workers_are_busy_ends_the_run(tmp_path, signum, code):
+    """Ctrl-C or SIGTERM to the training process alone (its workers busy loading): it stops with its code, and its
+    workers with it. Before, Ctrl-C left it joining its workers forever."""
+    data = tiny_dataset(tmp_path / "data")
+    process = start_training(data, tmp_path / "exp", 0)
+    process.send_signal(signum)
+    stderr = ended_within(process, str(tmp_path / "exp"))
+    assert process.returncode == code and "Traceback" not in stderr
+
+
+def test_a_peer_killed_mid_run_ends_the_torchrun_run(tmp_path):
+    """A process of a torchrun run killed with SIGKILL: its peer, waiting in a collective, learns it at once (gloo
+    closes the connection), and the launcher, its peer and every loader worker end."""
+    data = tiny_dataset(tmp_path / "data")
+    process = start_training(data, tmp_path / "exp", 2)
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    ended_within(process, str(tmp_path / "exp"))
+    assert process.returncode != 0
+
+
+def test_a_fifo_in_place_of_a_prediction_ends_predict_dir_in_one_line(checkpoint_with_workers, tmp_path):
+    """Before, writing the prediction opened the FIFO and waited for a reader forever."""
+    checkpoint, data_root = checkpoint_with_workers
+    save_dir = tmp_path / "predictions"
+    save_dir.mkdir()
+    os.mkfifo(save_dir / "val_000.png")
+    result = run_bounded([sys.executable, "eval.py", "--checkpoint", checkpoint, "--cpu", "--predict-dir",
+                          os.path.join(data_root, "JPEGImages"), "--save-dir", str(save_dir)], str(save_dir))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"error: cannot write {save_dir / 'val_000.png'}: a FIFO or "
+                                                      "device is in its place, not a file")
