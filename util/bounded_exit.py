@@ -19,8 +19,9 @@ CHILD_GRACE_S = 2.0
 
 
 def shut_down_workers(iterator) -> None:
-    """End the worker processes of a DataLoader iterator now; nothing for one without workers or None. Each worker
-    is joined for at most 5 s, then terminated (DataLoader's own shutdown)."""
+    """End the worker processes of a DataLoader iterator now; nothing for one without workers or None. Idle workers
+    end at once; one stuck in a read is joined for 5 s, then terminated and joined for 5 s more (DataLoader's own
+    shutdown)."""
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
