@@ -314,8 +314,10 @@ def start_training(data, exp_dir, ngpus: int) -> subprocess.Popen:
     """A long run with loader workers, returned once its first checkpoint shows it training."""
     command = train_command(data, exp_dir, ngpus, "workers=2", "epochs=50", "checkpoint_interval=1",
                             "image_log_interval=0", "run_name=long")
+    # Ctrl-C's default action, even where the suite was started in the background (which ignores SIGINT).
     process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     latest = os.path.join(exp_dir, "pascal", "tiny", "long", "latest.pth")
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while checkpoint_iteration(latest) < 1:
