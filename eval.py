@@ -88,8 +88,7 @@ def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: l
 
 
 def writable(path: str) -> str:
-    """``path``, refused where a FIFO or a device is in its place: opening a FIFO to write waits for a reader,
-    forever if none comes."""
+    """``path``, refused in words where a FIFO or a device is in its place (PIL would fail seeking it)."""
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
         raise OutputError(f"cannot write {path}: a FIFO or device is in its place, not a file")
     return path

@@ -331,7 +331,7 @@ def start_training(data, exp_dir, ngpus: int) -> subprocess.Popen:
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_while_loader_workers_are_busy_ends_the_run(tmp_path, signum, code):
     """Ctrl-C or SIGTERM to the training process alone (its workers busy loading): it stops with its code, and its
-    workers with it. Before, Ctrl-C left it joining its workers forever."""
+    workers with it, shut down by the Teardown rather than by garbage collection."""
     data = tiny_dataset(tmp_path / "data")
     process = start_training(data, tmp_path / "exp", 0)
     process.send_signal(signum)
@@ -352,7 +352,8 @@ def test_a_peer_killed_mid_run_ends_the_torchrun_run(tmp_path):
 
 
 def test_a_fifo_in_place_of_a_prediction_ends_predict_dir_in_one_line(checkpoint_with_workers, tmp_path):
-    """Before, writing the prediction opened the FIFO and waited for a reader forever."""
+    """A FIFO, which an open for writing could wait on: refused in words (before: 'File or stream is not
+    seekable')."""
     checkpoint, data_root = checkpoint_with_workers
     save_dir = tmp_path / "predictions"
     save_dir.mkdir()
