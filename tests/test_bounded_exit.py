@@ -363,3 +363,13 @@ def test_a_fifo_in_place_of_a_prediction_ends_predict_dir_in_one_line(checkpoint
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (f"error: cannot write {save_dir / 'val_000.png'}: a FIFO or "
                                                       "device is in its place, not a file")
+
+
+def test_a_fifo_in_place_of_train_log_leaves_the_log_on_the_console(tmp_path):
+    """Before, opening train.log waited forever for a reader of the FIFO."""
+    os.mkfifo(tmp_path / "train.log")
+    result = run_bounded([sys.executable, "-c", f"from util.logging import setup_logger; "
+                          f"setup_logger({str(tmp_path)!r}, 0).info('first')"], str(tmp_path))
+    assert result.returncode == 0
+    assert result.stderr == (f"warning: {tmp_path / 'train.log'}: a FIFO that nothing reads is in its place; the log "
+                             "goes on on the console only\n")
