@@ -53,12 +53,19 @@ def save_prediction(save_dir: str, stem: str, prediction: torch.Tensor, names: l
     labels = prediction.cpu().numpy().astype(np.uint8)
     path = os.path.join(save_dir, f"{stem}.png")
     try:
-        palette_image(labels, colors).save(path)
+        palette_image(labels, colors).save(writable(path))
         if image is not None:
             path = os.path.join(save_dir, f"{stem}_overlay.png")
-            overlay_figure(image, labels, names, colors, ground_truth).save(path)
+            overlay_figure(image, labels, names, colors, ground_truth).save(writable(path))
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def writable(path: str) -> str:
+    """``path``, refused in words where a FIFO or a device is in its place (PIL would fail seeking it)."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: a FIFO or device is in its place, not a file")
+    return path
 
 
 def prediction_saver(save_dir: str, cfg: dict, overlays: bool) -> Callable:
@@ -182,6 +189,7 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=["original", "center_crop", "sliding_window"],
                         help="evaluation mode (default: the checkpoint config's eval_mode)")
     parser.add_argument("--data-root", help="dataset root, if it moved since training")
+    parser.add_argument("--splits-dir", help="folder of the split files (DATASET/val.txt), if it moved since training")
     parser.add_argument("--save-dir", help="write predictions here as palette PNGs")
     parser.add_argument("--overlays", action="store_true",
                         help="with --save-dir, also write STEM_overlay.png: image | prediction | ground truth")
@@ -228,8 +236,9 @@ def parse_args(argv=None):
                              "sliding_window")
         if args.scales:
             raise SystemExit("error: --scales is for evaluation; --predict-dir cannot be combined with it")
-        if args.data_root is not None:
-            raise SystemExit("error: --data-root is for evaluation; --predict-dir reads no dataset")
+        for option, given in (("--data-root", args.data_root), ("--splits-dir", args.splits_dir)):
+            if given is not None:
+                raise SystemExit(f"error: {option} is for evaluation; --predict-dir reads no dataset")
         if args.json is not None:
             raise SystemExit("error: --json writes evaluation figures; --predict-dir has none")
     elif args.mask_dir is not None:
@@ -313,7 +322,8 @@ def evaluate_or_predict(args, model, cfg: dict, device: torch.device, rank: int,
                                mode, args.mask_dir, rank, world_size, progress=rank == 0)
         print(f"wrote {count} predictions and overlays to {args.save_dir}")
         return
-    val_set = build_val_dataset(cfg, cfg["splits_dir"], data_root_hint="pass --data-root DIR")
+    val_set = build_val_dataset(cfg, args.splits_dir or cfg["splits_dir"], data_root_hint="pass --data-root DIR",
+                                splits_dir_hint="pass --splits-dir DIR if the split files moved")
     mode = args.mode or cfg["eval_mode"]
     names = class_names(cfg)
     if rank == 0:

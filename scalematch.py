@@ -26,6 +26,7 @@ from dataset.semi import DatasetError, build_datasets, dataset_summary
 from dataset.transforms import denormalize
 from model import build_model
 from model.backbone import PretrainedError
+from util.bounded_exit import Teardown
 from util.checkpoint import save_checkpoint, write_atomically
 from util.config import ConfigError, check_batch_size, dump_config, load_config, without_idle_cif
 from util.dist import broadcast_from_main, cleanup, init_distributed
@@ -394,8 +395,9 @@ def validate(run: Run, val_set, epoch: int) -> tuple[float, bool]:
     return miou, is_best
 
 
-def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> None:
-    """Train the run in ``run_dir`` (locked by rank 0) from its latest.pth, or from the start."""
+def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes, teardown: Teardown) -> None:
+    """Train the run in ``run_dir`` (locked by rank 0) from its latest.pth, or from the start; ``teardown`` ends its
+    loader workers and event writer however training ends."""
     is_main = rank == 0
     latest, best = os.path.join(run_dir, "latest.pth"), os.path.join(run_dir, "best.pth")
     logger = setup_logger(run_dir, rank)
@@ -406,7 +408,7 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> No
     labeled_set, unlabeled_set, val_set = build_datasets(cfg, cfg["splits_dir"])
     logger.info(f"run {run_dir} | {world_size} process(es) on {device} | "
                 + dataset_summary(cfg, labeled_set, unlabeled_set, val_set))
-    loaders = train_loaders(cfg, labeled_set, unlabeled_set, rank, world_size)
+    loaders = teardown.loaders(*train_loaders(cfg, labeled_set, unlabeled_set, rank, world_size))
     iters_per_epoch = len(loaders[1]) if cfg["train_mode"] == "semi" else len(loaders[0])
     if cfg["iters_per_epoch"] is not None:
         iters_per_epoch = min(iters_per_epoch, cfg["iters_per_epoch"])
@@ -451,7 +453,8 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> No
         save([latest])
 
     if is_main:
-        run.writer, run.results = RunEvents(run_dir), RunResults(run_dir, cfg, class_names(cfg), run.total_iters)
+        run.writer = teardown.closing(RunEvents(run_dir))
+        run.results = RunResults(run_dir, cfg, class_names(cfg), run.total_iters)
     while run.progress["epoch"] < cfg["epochs"]:
         epoch = run.progress["epoch"]
         train_one_epoch(run, loaders, save_latest)
@@ -487,8 +490,9 @@ def main(argv=None) -> None:
     stop = StopSignal()
     check_batch_size(cfg, world_size, device.type)
     run_dir = run_directory(cfg, args.overrides)
-    with claimed_run_directory(run_dir, rank == 0, START_UP_ERRORS) as notes:
-        train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, *notes])
+    # The teardown ends before the directory is released, so no worker outlives the lock or a start-up clean-up.
+    with claimed_run_directory(run_dir, rank == 0, START_UP_ERRORS) as notes, Teardown() as teardown:
+        train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, *notes], teardown)
     cleanup()
 
 

@@ -280,13 +280,15 @@ class SemiDataset(Dataset):
                 "ignore_mask": label_tensor(padding), "mask": label_tensor(mask)}
 
 
-def _split_file(splits_dir: Path, cfg: dict, *parts: str) -> Path:
+def _split_file(splits_dir: Path, cfg: dict, *parts: str, hint: str | None = None) -> Path:
+    """SPLITS_DIR/DATASET/PARTS, checked to exist; `hint` says how to point at a moved folder of split files."""
     if splits_dir.exists() and not splits_dir.is_dir():
-        raise DatasetError(f"splits_dir {splits_dir} is a file, not a folder")
+        raise DatasetError(f"splits_dir {splits_dir} is a file, not a folder" + (f" ({hint})" if hint else ""))
     path = splits_dir.joinpath(cfg["dataset"], *parts)
     if not path.exists():
-        raise DatasetError(f"split file not found: {path}; copy the published split files there or run "
-                           f"`python -m dataset.make_splits {cfg['dataset']} --data-root {cfg['data_root']}`")
+        advice = (f"copy the published split files there or run `python -m dataset.make_splits {cfg['dataset']} "
+                  f"--data-root {cfg['data_root']}`")
+        raise DatasetError(f"split file not found: {path}; {hint + ', or ' if hint else ''}{advice}")
     return path
 
 
@@ -324,12 +326,13 @@ def _checked_data_root(cfg: dict, hint: str) -> Path:
     return root
 
 
-def build_val_dataset(cfg: dict, splits_dir: str | Path = "splits",
-                      data_root_hint: str = DATA_ROOT_HINT) -> SemiDataset:
+def build_val_dataset(cfg: dict, splits_dir: str | Path = "splits", data_root_hint: str = DATA_ROOT_HINT,
+                      splits_dir_hint: str | None = None) -> SemiDataset:
     """The validation dataset of cfg's dataset alone: reads only val.txt and checks only the files it lists, so
-    evaluation needs none of the training split. ``data_root_hint`` says how to fix a wrong data root."""
+    evaluation needs none of the training split. ``data_root_hint`` says how to fix a wrong data root,
+    ``splits_dir_hint`` how to point at moved split files."""
     root = _checked_data_root(cfg, data_root_hint)
-    val_path = _split_file(Path(splits_dir), cfg, "val.txt")
+    val_path = _split_file(Path(splits_dir), cfg, "val.txt", hint=splits_dir_hint)
     val = read_split(val_path, require_mask=True)
     return SemiDataset(root, val, "val", cfg["nclass"], cfg["crop_size"], source=str(val_path))
 

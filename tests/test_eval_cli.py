@@ -119,6 +119,18 @@ def test_evaluation_needs_only_the_val_split(tiny_state, tiny_voc, tmp_path, cap
     assert "4 val images" in checkpoint_line(capsys)
 
 
+def test_moved_split_files_are_named_by_the_option_eval_takes(tiny_state, tiny_voc, tmp_path, capsys):
+    """Before, eval.py read val.txt from the checkpoint's splits_dir alone and its error said to copy the files back."""
+    moved = tmp_path / "moved"
+    checkpoint = save(tmp_path / "moved.pth", tiny_state, config=dict(tiny_state["config"], splits_dir=str(moved)))
+    with pytest.raises(DatasetError) as caught:
+        eval_cli.main(["--checkpoint", checkpoint, "--cpu"])
+    assert str(caught.value).startswith(f"split file not found: {moved / 'pascal' / 'val.txt'}; pass --splits-dir DIR "
+                                        "if the split files moved, or copy")
+    eval_cli.main(["--checkpoint", checkpoint, "--cpu", "--splits-dir", tiny_voc[1]])
+    assert "4 val images" in checkpoint_line(capsys)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--scales", "0", "-1"], "--scales takes positive factors, got 0 -1"),
     (["--scales", "1", "nan", "inf"], "--scales takes positive factors, got nan inf"),
@@ -131,6 +143,7 @@ def test_evaluation_needs_only_the_val_split(tiny_state, tiny_voc, tmp_path, cap
     (["--checkpoint", "a.pth", "--exp-dir", "runs"], "--exp-dir picks a run when no --checkpoint is given"),
     (["--multiscale-cif", "--multiscale-avg"], "choose one of --multiscale-cif and --multiscale-avg"),
     (["--predict-dir", "photos", "--save-dir", "out", "--data-root", "data"], "--data-root is for evaluation"),
+    (["--predict-dir", "photos", "--save-dir", "out", "--splits-dir", "splits"], "--splits-dir is for evaluation"),
 ])
 def test_arguments_that_would_be_ignored_or_are_nonsense_are_refused(tmp_path, argv, message):
     with pytest.raises(SystemExit) as caught:

@@ -6,8 +6,10 @@ gives it (TORCHELASTIC_ERROR_FILE), and the launcher (util/launcher.py) prints t
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -94,15 +96,46 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+# Set by launch() for its workers: the launcher's pid, so that a worker whose launcher died while the worker was still
+# starting (imports take seconds on a loaded machine) knows it is an orphan rather than taking its new parent for it.
+LAUNCHER_PID_VARIABLE = "SCALEMATCH_LAUNCHER_PID"
+# What the kernel sends a worker when its launcher dies (Linux prctl PR_SET_PDEATHSIG); nothing else uses it here.
+LAUNCHER_DEATH_SIGNAL = signal.SIGUSR2
+PR_SET_PDEATHSIG = 1
+
+
+def _ask_for_parent_death_signal(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent dies; only Linux offers it (elsewhere the
+    polling thread watches alone)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+
+
 def watch_launcher(on_exit, interval_s: float = 1.0) -> None:
-    """Call `on_exit()` once if the process that started this one ends: torchrun starts its workers in sessions of
-    their own and offers no parent-death signal, so a SIGKILL-ed launcher would otherwise leave them training."""
-    launcher = os.getppid()
+    """Call `on_exit()` once when the launcher that started this process has ended: torchrun starts its workers in
+    sessions of their own, so a SIGKILL-ed launcher would otherwise leave them training. Call it from the main
+    thread. On Linux the kernel signals the end at once (parent-death signal; the handler runs between two Python
+    steps of the main thread); a thread polling the parent every `interval_s` is the fallback. A launcher that ended
+    before this call (LAUNCHER_PID_VARIABLE no longer the parent) is told at once."""
+    launcher = int(os.environ.get(LAUNCHER_PID_VARIABLE, os.getppid()))
+    told = threading.Lock()
+
+    def tell_once():
+        if told.acquire(blocking=False):
+            on_exit()
+
+    def on_signal(signum, frame):
+        if os.getppid() != launcher:  # the kernel reparents before it signals; a stray SIGUSR2 is ignored
+            tell_once()
+
+    # The handler first: the signal's default action would end the process.
+    signal.signal(LAUNCHER_DEATH_SIGNAL, on_signal)
+    _ask_for_parent_death_signal(LAUNCHER_DEATH_SIGNAL)
 
     def watch():
         while os.getppid() == launcher:
             time.sleep(interval_s)
-        on_exit()
+        tell_once()
     threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from util.bounded_exit import Teardown
 from util.config import ConfigError
 from util.inference import center_crop, predict_probs, rescaled_predictor
 from util.metrics import MeanIoU
@@ -56,14 +57,16 @@ def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dt
     loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=min(cfg["workers"], 2),
                         generator=torch.Generator())
     metric = MeanIoU(cfg["nclass"], device=device)
-    for sample in tqdm(loader, disable=not progress, desc="eval", leave=False):
-        image = sample["image"].to(device)
-        mask = sample["mask"].to(device)
-        if mode == "center_crop":
-            image, mask = center_crop(image, mask, cfg["crop_size"])
-        prediction = predict_labels(predict, image, mode, cfg, amp_dtype)
-        metric.update(prediction, mask)
-        if on_prediction is not None:
-            on_prediction(sample["id"][0], image[0], mask[0], prediction[0])
+    with Teardown() as teardown:
+        for sample in tqdm(teardown.iterate(loader), total=len(loader), disable=not progress, desc="eval",
+                           leave=False):
+            image = sample["image"].to(device)
+            mask = sample["mask"].to(device)
+            if mode == "center_crop":
+                image, mask = center_crop(image, mask, cfg["crop_size"])
+            prediction = predict_labels(predict, image, mode, cfg, amp_dtype)
+            metric.update(prediction, mask)
+            if on_prediction is not None:
+                on_prediction(sample["id"][0], image[0], mask[0], prediction[0])
     metric.all_reduce()
     return metric

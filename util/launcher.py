@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch.distributed as dist
 
+from util.dist import LAUNCHER_PID_VARIABLE
+
 
 def _exit_status(exitcode: int) -> int:
     """A process's exit code as a shell reports it: 128 + the signal for one killed by a signal."""
@@ -109,6 +111,7 @@ def launch(nproc: int, command: list[str]) -> int:
     for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
         logging.getLogger(name).setLevel(level)
     args = get_args_parser().parse_args([*rendezvous.args, f"--nproc-per-node={nproc}", *command])
+    os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())
     if rendezvous.line:
         # torchrun's own logs are off: without this line a node waiting for the others would look hung.
         print(f"{rendezvous.line}, {nproc} process(es) here", file=sys.stderr)

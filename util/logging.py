@@ -1,6 +1,7 @@
 """The project logger: rank 0 talks to the console and the run's train.log, other ranks only warn."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -25,6 +26,12 @@ class RunLogFile(logging.FileHandler):
         if not self.failed:
             super().emit(record)
 
+    def _open(self):
+        # Without O_NONBLOCK, a FIFO in train.log's place that nothing reads would hold the run here forever.
+        descriptor = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        os.set_blocking(descriptor, True)
+        return open(descriptor, self.mode, encoding=self.encoding, errors=self.errors)
+
 
 def setup_logger(run_dir: str | os.PathLike | None, rank: int) -> logging.Logger:
     """Configure and return the 'scalematch' logger; calling it again replaces the handlers it set before.
@@ -44,7 +51,14 @@ def setup_logger(run_dir: str | os.PathLike | None, rank: int) -> logging.Logger
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if rank == 0 and run_dir is not None:
         os.makedirs(run_dir, exist_ok=True)
-        handlers.append(RunLogFile(os.path.join(run_dir, "train.log"), mode="a"))
+        path = os.path.join(run_dir, "train.log")
+        try:
+            handlers.append(RunLogFile(path, mode="a"))
+        except OSError as error:
+            if error.errno != errno.ENXIO:
+                raise
+            print(f"warning: {path}: a FIFO that nothing reads is in its place; the log goes on on the console only",
+                  file=sys.stderr)
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

@@ -1,0 +1,375 @@
+"""Every failure ends the process in bounded time: a data error met by loader workers (each kind, in each loader,
+in training, in its evaluation and in eval.py, alone and under torchrun), and the other places a run could block.
+Each run is a subprocess with a hard timeout: a hang fails its test, it never hangs the suite."""
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from conftest import REPO, command_env, train_command, write_tiny_voc
+from model import build_model
+from test_fault_tolerance import checkpoint_iteration, child_pids
+from util.bounded_exit import Teardown, kill_lingering_children
+from util.config import validate
+from util.sampling import ResumableSampler
+
+# A tiny run ends in well under a minute here; a hang is forever. The bound is generous for a loaded machine.
+RUN_TIMEOUT_S = 240
+SEED = 1  # a seed whose partner order meets a sample before the unlabeled order does, alone and on 2
+NCLASS = 21
+VAL_NAMES = [f"val_{i:03d}" for i in range(4)]
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Pids of the processes whose command line holds `marker` (a run's own folder): its workers included."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                command = file.read()
+            with open(f"/proc/{entry}/stat") as file:
+                state = file.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in command and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def end_all(process, marker):
+    """SIGKILL `process` and every process whose command line holds `marker`."""
+    for pid in [process.pid] + processes_mentioning(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def ended_within(process, marker, timeout_s: float = RUN_TIMEOUT_S) -> str:
+    """`process`'s stderr once it and every process of its run (command lines holding `marker`) have ended, within
+    `timeout_s`; past it, kill them all and fail: a hang fails the test, never hangs the suite."""
+    try:
+        _, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        end_all(process, marker)
+        pytest.fail(f"the run did not end within {timeout_s} s")
+    deadline = time.monotonic() + 10
+    while processes_mentioning(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = processes_mentioning(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the run outlived it: {left}"
+    return stderr
+
+
+def run_bounded(command: list[str], marker: str) -> subprocess.CompletedProcess:
+    """Run `command` (its processes' command lines holding `marker`) as ended_within lets it."""
+    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    stderr = ended_within(process, marker)
+    return subprocess.CompletedProcess(command, process.returncode, None, stderr)
+
+
+def tiny_dataset(base):
+    """(data_root, splits_dir) of tiny_voc's layout whose val images are files of their own (val_000 ...)."""
+    data_root, splits_dir = write_tiny_voc(base)
+    for index, name in enumerate(VAL_NAMES):
+        source = f"img_{8 + index:03d}"
+        shutil.copy(os.path.join(data_root, "JPEGImages", f"{source}.jpg"),
+                    os.path.join(data_root, "JPEGImages", f"{name}.jpg"))
+        shutil.copy(os.path.join(data_root, "SegmentationClass", f"{source}.png"),
+                    os.path.join(data_root, "SegmentationClass", f"{name}.png"))
+    with open(os.path.join(splits_dir, "pascal", "val.txt"), "w") as file:
+        file.writelines(f"JPEGImages/{name}.jpg SegmentationClass/{name}.png\n" for name in VAL_NAMES)
+    return data_root, splits_dir
+
+
+def spoil(data_root: str, names: list[str], kind: str) -> set[str]:
+    """Spoil the samples `names` with one kind of data error; returns the lines (without 'error: ') that may tell
+    it, one per spoiled sample: whichever a loader meets first."""
+    lines = set()
+    for name in names:
+        image = os.path.join(data_root, "JPEGImages", f"{name}.jpg")
+        mask = os.path.join(data_root, "SegmentationClass", f"{name}.png")
+        if kind == "image_unreadable":
+            open(image, "wb").close()
+            lines.add(f"cannot read image {image}: not an image PIL can read")
+        elif kind == "mask_unreadable":
+            with open(mask, "wb") as file:
+                file.write(b"not a png")
+            lines.add(f"cannot read mask {mask}: not an image PIL can read")
+        elif kind == "mask_wrong_size":
+            Image.fromarray(np.zeros((20, 24), dtype=np.uint8), mode="L").save(mask)
+            lines.add(f"mask {mask} is (20, 24) but image {image} is (40, 48)")
+        else:
+            Image.fromarray(np.full((40, 48), 30, dtype=np.uint8), mode="L").save(mask)
+            lines.add(f"mask {mask} has value 30: classes are 0 ... {NCLASS - 1} (nclass {NCLASS}) and 255 is ignored")
+    return lines
+
+
+def first_batch(seed_offset: int, rank: int, world_size: int) -> list[int]:
+    """The unlabeled indices of the first batch (batch_size 2) that the loader seeded seed + `seed_offset` gives
+    process `rank`."""
+    return [index for index, _ in ResumableSampler(8, SEED + seed_offset, rank, world_size)][:2]
+
+
+def partner_only_sample(world_size: int) -> str:
+    """An unlabeled sample in some process's first partner batch and in no process's first unlabeled batch: the
+    partner loader (seed + 3) meets it before the unlabeled loader (seed + 2) could."""
+    unlabeled = {index for rank in range(world_size) for index in first_batch(2, rank, world_size)}
+    partner = [index for rank in range(world_size) for index in first_batch(3, rank, world_size)]
+    index = next(index for index in partner if index not in unlabeled)
+    return f"img_{4 + index:03d}"
+
+
+def names_read_by(loader: str, world_size: int) -> list[str]:
+    if loader == "labeled":
+        return [f"img_{i:03d}" for i in range(4)]
+    if loader == "unlabeled":
+        return [f"img_{i:03d}" for i in range(4, 12)]
+    if loader == "partner":
+        return [partner_only_sample(world_size)]
+    return VAL_NAMES
+
+
+KINDS = ["image_unreadable", "mask_unreadable", "mask_wrong_size", "mask_out_of_range"]
+TRAINING_LOADERS = ["labeled", "unlabeled", "partner", "evaluation"]
+
+
+def check_failed_in_one_line(result, lines: set[str]):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].removeprefix("error: ") in lines, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("loader", TRAINING_LOADERS)
+def test_a_data_error_met_by_loader_workers_ends_the_run(tmp_path, loader, kind):
+    """Before: the one-line error, then the process stayed alive forever, joining a worker that ignores SIGTERM."""
+    data = tiny_dataset(tmp_path / "data")
+    lines = spoil(data[0], names_read_by(loader, 1), kind)
+    exp_dir = tmp_path / "exp"
+    result = run_bounded(train_command(data, exp_dir, 0, "workers=2", "epochs=1", "image_log_interval=0",
+                                       f"seed={SEED}"), str(exp_dir))
+    check_failed_in_one_line(result, lines)
+
+
+@pytest.mark.parametrize("loader, kind", [("labeled", "image_unreadable"), ("unlabeled", "mask_out_of_range"),
+                                          ("partner", "mask_wrong_size"), ("evaluation", "mask_unreadable")])
+def test_a_data_error_met_by_loader_workers_ends_a_torchrun_run(tmp_path, loader, kind):
+    """Before: the failing process hung at exit and its peer waited in a collective for it."""
+    data = tiny_dataset(tmp_path / "data")
+    lines = spoil(data[0], names_read_by(loader, 2), kind)
+    exp_dir = tmp_path / "exp"
+    result = run_bounded(train_command(data, exp_dir, 2, "workers=2", "epochs=1", "image_log_interval=0",
+                                       f"seed={SEED}"), str(exp_dir))
+    check_failed_in_one_line(result, lines)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_workers(tmp_path_factory):
+    """A tiny model's checkpoint whose config evaluates with 2 loader workers, and its clean dataset."""
+    base = tmp_path_factory.mktemp("eval_data")
+    data_root, splits_dir = tiny_dataset(base)
+    cfg = validate({"backbone": "tv_resnet18", "pretrained": None, "cif": False, "crop_size": 32, "workers": 2,
+                    "amp": False, "dataset": "pascal", "nclass": NCLASS, "split": "tiny", "data_root": data_root,
+                    "splits_dir": splits_dir}, source="test")
+    torch.manual_seed(0)
+    path = base / "best.pth"
+    torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "epoch": 0, "best_miou": 0.0}, path)
+    return str(path), data_root
+
+
+# Under torchrun one kind stands for all: the way out is the same.
+@pytest.mark.parametrize("nproc, kind", [(1, kind) for kind in KINDS] + [(2, "mask_wrong_size")])
+def test_a_data_error_met_by_eval_workers_ends_eval(checkpoint_with_workers, tmp_path, nproc, kind):
+    checkpoint, clean_root = checkpoint_with_workers
+    data_root = str(tmp_path / "VOC")
+    shutil.copytree(clean_root, data_root)
+    lines = spoil(data_root, VAL_NAMES, kind)
+    arguments = ["eval.py", "--checkpoint", checkpoint, "--cpu", "--data-root", data_root]
+    launcher = [sys.executable] + (["-m", "util.dist", "2"] if nproc == 2 else [])
+    check_failed_in_one_line(run_bounded(launcher + arguments, data_root), lines)
+
+
+def wait_for(path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.path.exists(path)
+
+
+# How soon a torchrun worker must know that its launcher has ended, the CPU saturated: well above the few
+# milliseconds the parent-death signal takes, well below "never".
+LAUNCHER_NOTICE_BOUND_S = 10
+
+
+@pytest.mark.parametrize("killed", ["while the worker starts", "while the worker computes"])
+def test_a_killed_launcher_is_noticed_with_the_cpu_saturated(tmp_path, killed):
+    """Before, the watch took the worker's parent when it started for its launcher: a launcher killed while its
+    workers were still importing (seconds, under load) was never noticed, and they trained on unwatched."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(2 * len(os.sched_getaffinity(0)))]
+    go, notice = tmp_path / "go", tmp_path / "notice"
+    worker = None
+    try:
+        launcher = subprocess.Popen([sys.executable, "-m", "util.dist", "1", "tests/launcher_watch_worker.py",
+                                     str(go), str(notice)], cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+        assert wait_for(f"{notice}.pid", RUN_TIMEOUT_S), "the worker did not start"
+        worker = int(open(f"{notice}.pid").read())
+        if killed == "while the worker computes":
+            go.touch()
+            assert wait_for(f"{notice}.watching", RUN_TIMEOUT_S)
+        launcher.kill()
+        launcher.wait()
+        go.touch()
+        assert wait_for(notice, LAUNCHER_NOTICE_BOUND_S), f"no notice {LAUNCHER_NOTICE_BOUND_S} s after the kill"
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+        if worker is not None:
+            try:
+                os.kill(worker, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class EndlessDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return index
+
+
+def ignoring_sigterm(worker_id):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def live_children() -> list[int]:
+    return [child.pid for child in multiprocessing.active_children()]
+
+
+def test_teardown_shuts_down_persistent_workers_that_ignore_sigterm_on_an_error():
+    """The situation of a failing run: an iterator, still referenced by the error's traceback, whose workers
+    ignore SIGTERM; interpreter exit would join them forever."""
+    loader = DataLoader(EndlessDataset(), batch_size=2, num_workers=2, persistent_workers=True,
+                        worker_init_fn=ignoring_sigterm)
+    closed = []
+
+    class Writer:
+        def close(self):
+            closed.append(True)
+
+    with pytest.raises(ValueError):
+        with Teardown() as teardown:
+            teardown.loaders(loader)
+            teardown.closing(Writer())
+            next(iter(loader))
+            assert len(live_children()) == 2
+            raise ValueError("a data error")
+    assert live_children() == [] and closed == [True]
+
+
+def test_teardown_shuts_down_the_iterators_it_hands_out_on_ctrl_c():
+    loader = DataLoader(EndlessDataset(), batch_size=2, num_workers=2)
+    with pytest.raises(KeyboardInterrupt):
+        with Teardown() as teardown:
+            batches = teardown.iterate(loader)
+            next(batches)
+            raise KeyboardInterrupt
+    assert live_children() == []
+
+
+def sleep_ignoring_sigterm():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(3600)
+
+
+def test_a_child_still_alive_at_exit_is_killed_after_the_grace():
+    child = multiprocessing.get_context("fork").Process(target=sleep_ignoring_sigterm, daemon=True)
+    child.start()
+    started = time.monotonic()
+    assert kill_lingering_children(grace_s=0.5) == [child.pid]
+    assert not child.is_alive() and child.exitcode == -signal.SIGKILL
+    assert time.monotonic() - started < 0.5 + 5
+
+
+def start_training(data, exp_dir, ngpus: int) -> subprocess.Popen:
+    """A long run with loader workers, returned once its first checkpoint shows it training."""
+    command = train_command(data, exp_dir, ngpus, "workers=2", "epochs=50", "checkpoint_interval=1",
+                            "image_log_interval=0", "run_name=long")
+    # Ctrl-C's default action, even where the suite was started in the background (which ignores SIGINT).
+    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    latest = os.path.join(exp_dir, "pascal", "tiny", "long", "latest.pth")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while checkpoint_iteration(latest) < 1:
+        if process.poll() is not None or time.monotonic() > deadline:
+            end_all(process, str(exp_dir))
+            pytest.fail(f"the run did not start training: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_loader_workers_are_busy_ends_the_run(tmp_path, signum, code):
+    """Ctrl-C or SIGTERM to the training process alone (its workers busy loading): it stops with its code, and its
+    workers with it, shut down by the Teardown rather than by garbage collection."""
+    data = tiny_dataset(tmp_path / "data")
+    process = start_training(data, tmp_path / "exp", 0)
+    process.send_signal(signum)
+    stderr = ended_within(process, str(tmp_path / "exp"))
+    assert process.returncode == code and "Traceback" not in stderr
+
+
+def test_a_peer_killed_mid_run_ends_the_torchrun_run(tmp_path):
+    """A process of a torchrun run killed with SIGKILL: its peer, waiting in a collective, learns it at once (gloo
+    closes the connection), and the launcher, its peer and every loader worker end."""
+    data = tiny_dataset(tmp_path / "data")
+    process = start_training(data, tmp_path / "exp", 2)
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    ended_within(process, str(tmp_path / "exp"))
+    assert process.returncode != 0
+
+
+def test_a_fifo_in_place_of_a_prediction_ends_predict_dir_in_one_line(checkpoint_with_workers, tmp_path):
+    """A FIFO, which an open for writing could wait on: refused in words (before: 'File or stream is not
+    seekable')."""
+    checkpoint, data_root = checkpoint_with_workers
+    save_dir = tmp_path / "predictions"
+    save_dir.mkdir()
+    os.mkfifo(save_dir / "val_000.png")
+    result = run_bounded([sys.executable, "eval.py", "--checkpoint", checkpoint, "--cpu", "--predict-dir",
+                          os.path.join(data_root, "JPEGImages"), "--save-dir", str(save_dir)], str(save_dir))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"error: cannot write {save_dir / 'val_000.png'}: a FIFO or "
+                                                      "device is in its place, not a file")
+
+
+def test_a_fifo_in_place_of_train_log_leaves_the_log_on_the_console(tmp_path):
+    """Before, opening train.log waited forever for a reader of the FIFO."""
+    os.mkfifo(tmp_path / "train.log")
+    result = run_bounded([sys.executable, "-c", f"from util.logging import setup_logger; "
+                          f"setup_logger({str(tmp_path)!r}, 0).info('first')"], str(tmp_path))
+    assert result.returncode == 0
+    assert result.stderr == (f"warning: {tmp_path / 'train.log'}: a FIFO that nothing reads is in its place; the log "
+                             "goes on on the console only\n")
