@@ -2,7 +2,7 @@
 may be killed meanwhile, as during a slow start), watches its launcher as scalematch.py does, writes NOTICE.watching,
 and computes, as training would, until it is told that the launcher ended: then it writes NOTICE.
 
-    python -m util.dist 1 tests/launcher_watch_worker.py GO NOTICE
+    python -m util.launcher 1 tests/launcher_watch_worker.py GO NOTICE
 """
 import os
 import sys

@@ -149,6 +149,12 @@ KINDS = ["image_unreadable", "mask_unreadable", "mask_wrong_size", "mask_out_of_
 TRAINING_LOADERS = ["labeled", "unlabeled", "partner", "evaluation"]
 
 
+def order_of(loader: str) -> list[str]:
+    """The partner test needs a partner loader with an order of its own, so that it, not the unlabeled loader, meets
+    the spoiled sample first (with the release's order the partner is the unlabeled image itself)."""
+    return ["data_order=independent", "cutmix_partner=other_image"] if loader == "partner" else []
+
+
 def check_failed_in_one_line(result, lines: set[str]):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].removeprefix("error: ") in lines, result.stderr[-3000:]
@@ -163,7 +169,7 @@ def test_a_data_error_met_by_loader_workers_ends_the_run(tmp_path, loader, kind)
     lines = spoil(data[0], names_read_by(loader, 1), kind)
     exp_dir = tmp_path / "exp"
     result = run_bounded(train_command(data, exp_dir, 0, "workers=2", "epochs=1", "image_log_interval=0",
-                                       f"seed={SEED}"), str(exp_dir))
+                                       f"seed={SEED}", *order_of(loader)), str(exp_dir))
     check_failed_in_one_line(result, lines)
 
 
@@ -175,7 +181,7 @@ def test_a_data_error_met_by_loader_workers_ends_a_torchrun_run(tmp_path, loader
     lines = spoil(data[0], names_read_by(loader, 2), kind)
     exp_dir = tmp_path / "exp"
     result = run_bounded(train_command(data, exp_dir, 2, "workers=2", "epochs=1", "image_log_interval=0",
-                                       f"seed={SEED}"), str(exp_dir))
+                                       f"seed={SEED}", *order_of(loader)), str(exp_dir))
     check_failed_in_one_line(result, lines)
 
 
@@ -201,7 +207,7 @@ def test_a_data_error_met_by_eval_workers_ends_eval(checkpoint_with_workers, tmp
     shutil.copytree(clean_root, data_root)
     lines = spoil(data_root, VAL_NAMES, kind)
     arguments = ["eval.py", "--checkpoint", checkpoint, "--cpu", "--data-root", data_root]
-    launcher = [sys.executable] + (["-m", "util.dist", "2"] if nproc == 2 else [])
+    launcher = [sys.executable] + (["-m", "util.launcher", "2"] if nproc == 2 else [])
     check_failed_in_one_line(run_bounded(launcher + arguments, data_root), lines)
 
 
@@ -226,7 +232,7 @@ def test_a_killed_launcher_is_noticed_with_the_cpu_saturated(tmp_path, killed):
     go, notice = tmp_path / "go", tmp_path / "notice"
     worker = None
     try:
-        launcher = subprocess.Popen([sys.executable, "-m", "util.dist", "1", "tests/launcher_watch_worker.py",
+        launcher = subprocess.Popen([sys.executable, "-m", "util.launcher", "1", "tests/launcher_watch_worker.py",
                                      str(go), str(notice)], cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
         assert wait_for(f"{notice}.pid", RUN_TIMEOUT_S), "the worker did not start"
