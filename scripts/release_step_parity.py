@@ -235,6 +235,14 @@ class OneBatchLoader(list):
     sampler = types.SimpleNamespace(set_epoch=lambda epoch, start=0: None)
 
 
+# This codebase's trainer: every call into it is in ours_optimizer and ours_step.
+def ours_optimizer(model, cfg: dict, iteration: int) -> torch.optim.Optimizer:
+    """A fresh optimizer at the learning rate the schedule set after the iteration before ``iteration``."""
+    optimizer = scalematch.build_optimizer(cfg, model)
+    scalematch.set_poly_lr(optimizer, cfg, iteration - 1, ITERS_PER_EPOCH * cfg["epochs"])
+    return optimizer
+
+
 def ours_step(model, optimizer, batch: dict, cfg: dict, epoch: int, index: int, iters_per_epoch: int,
               scales: tuple[float, float]) -> dict:
     """This codebase's training iteration at (epoch, index) with (v, t) = ``scales``: every call into its trainer
@@ -334,7 +342,8 @@ def calibrate_batchnorm(model: nn.Module, size: int, seed: int) -> None:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the feature-perturbation branch's dropout masks
         model(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed + 5)), image_scales=(2.0,),
               feature_scale=1.0)
     for m, momentum in zip(norms, momenta):
@@ -454,12 +463,11 @@ def check_groups(model: nn.Module, optimizer, net: nn.Module, release_optimizer)
 
 def fresh_optimizers(model, cfg, trainer, net, release_cfg, epoch, index):
     """Both optimizers, fresh, at the learning rate the schedule set after the iteration before (epoch, index)."""
-    optimizer = scalematch.build_optimizer(cfg, model)
+    optimizer = ours_optimizer(model, cfg, epoch * ITERS_PER_EPOCH + index)
     with cpu_release():
         exec(trainer.setup_code, trainer.namespace)
     check_groups(model, optimizer, net, trainer.optimizer)
     previous = epoch * ITERS_PER_EPOCH + index - 1
-    scalematch.set_poly_lr(optimizer, cfg, previous, ITERS_PER_EPOCH * cfg["epochs"])
     lr = release_cfg["lr"] * (1 - previous / (ITERS_PER_EPOCH * release_cfg["epochs"])) ** 0.9
     for group, scale in zip(trainer.optimizer.param_groups, (1.0, release_cfg["lr_multi"])):
         group["lr"] = lr * scale
@@ -467,22 +475,29 @@ def fresh_optimizers(model, cfg, trainer, net, release_cfg, epoch, index):
 
 
 def run_case(tool, trainer, net, release_start, model, ours_start, cfg, release_cfg, case, args, table, record):
-    net.load_state_dict(release_start)
-    model.load_state_dict(ours_start)
+    """The case's iterations. Consecutive ones unless a fixture is written: then one from the start state (the test
+    that reads the fixture has no release state to continue from), the last warm-up iteration for the first case,
+    the first after warm-up for the second, and so on alternately."""
     positions = iteration_positions(release_cfg["warm_up"])
-    optimizer = fresh_optimizers(model, cfg, trainer, net, release_cfg, *positions[0])
+    if record is not None:
+        positions = [positions[1 + len(record) % 2]]
     for number, (epoch, index) in enumerate(positions):
+        if number == 0 or record is not None:
+            net.load_state_dict(release_start)
+            model.load_state_dict(ours_start)
+            optimizer = fresh_optimizers(model, cfg, trainer, net, release_cfg, epoch, index)
         batch = make_batch(args.size, 2, args.seed, number)
-        dropout_seed = 100 * args.seed + number
-        with tool.deterministic_dropout(dropout_seed):
+        dropout_seed, keep = 100 * args.seed + number, {}
+        with tool.deterministic_dropout(dropout_seed, keep):
             release = trainer.step(batch, epoch, index, case)
         with tool.deterministic_dropout(dropout_seed):
             ours = ours_step(model, optimizer, batch, cfg, epoch, index, ITERS_PER_EPOCH, case)
         where = f"v={case[0]} t={case[1]} epoch {epoch} i {index}"
         compare_step(table, where, release, net, ours, model, optimizer)
         if record is not None:
-            record.append(pinned_step(case, epoch, index, release, net, trainer.optimizer))
-        if not args.free_running:
+            record.append(pinned_step(case, epoch, index, number, keep, release, net, release_start,
+                                      trainer.optimizer))
+        elif not args.free_running:
             take_release_state(model, optimizer, net, trainer.optimizer)
 
 
@@ -503,20 +518,20 @@ def take_release_state(model, optimizer, net, release_optimizer) -> None:
             buffers[project_name(name)].copy_(release_buffer.reshape(buffers[project_name(name)].shape))
 
 
-def pinned_step(case, epoch, index, release, net, release_optimizer) -> dict:
-    """What the fixture keeps of one release iteration, under this codebase's tensor names."""
-    names = [project_name(name) for name, _ in net.named_parameters()]
-    parameters = [p for _, p in net.named_parameters()]
-    statistics = [(project_name(name), b) for name, b in net.named_buffers() if not name.endswith("_tracked")]
-    return {"v": case[0], "t": case[1], "epoch": epoch, "index": index,
+def pinned_step(case, epoch, index, number, keep, release, net, release_start, release_optimizer) -> dict:
+    """What the fixture keeps of one release iteration: per tensor (in the release network's order) the gradient's
+    norm, the norm of the step's change of the weight, the BatchNorm statistics' norms."""
+    parameters = [(name, p) for name, p in net.named_parameters()]
+    statistics = [(name, b) for name, b in net.named_buffers() if not name.endswith("_tracked")]
+    return {"v": case[0], "t": case[1], "epoch": epoch, "index": index, "batch": number, "dropout_keep": keep,
             "pseudo_label": release["mask_u_w"].to(torch.uint8), "confidence": release["conf_u_w"].clone(),
             "partner_pseudo_label": release["mask_u_w_mix"].to(torch.uint8),
-            "terms": {name: float(release[release_name]) for name, release_name in TERMS.items()},
-            "total": float(release["total_loss"]), "parameter_names": names,
-            "gradient_norm": torch.stack([p.grad.double().norm() for p in parameters]),
-            "weight_sum": torch.stack([p.detach().double().sum() for p in parameters]),
-            "statistic_names": [name for name, _ in statistics],
-            "statistic_sum": torch.stack([b.double().sum() for _, b in statistics]),
+            "terms": {name: float(release[release_name].detach()) for name, release_name in TERMS.items()},
+            "total": float(release["total_loss"].detach()),
+            "gradient_norm": torch.stack([p.grad.double().norm() for _, p in parameters]),
+            "update_norm": torch.stack([(p.detach().double() - release_start[name].double()).norm()
+                                        for name, p in parameters]),
+            "statistic_norm": torch.stack([b.double().norm() for _, b in statistics]),
             "lr": [group["lr"] for group in release_optimizer.param_groups]}
 
 
@@ -573,10 +588,15 @@ def main(argv=None) -> int:
     for case in cases:
         run_case(tool, trainer, net, release_start, model, ours_start, cfg, release_cfg, case, args, table, record)
     info = net.release_info
-    header = (f"Release {info['commit']}, {args.backbone}, seed {args.seed}, {len(cases)} (v, t) x 3 iterations "
-              f"(epoch {release_cfg['warm_up'] - 1} i {ITERS_PER_EPOCH - 2}, {ITERS_PER_EPOCH - 1}; epoch "
-              f"{release_cfg['warm_up']} i 0; {ITERS_PER_EPOCH} iterations per epoch), 2 + 2 + 2 images of "
-              f"{args.size} x {args.size}, conf_thresh {args.conf_thresh}, float32 CPU, Bi-WKV '{info['wkv']}' "
+    if args.write_fixture:
+        steps = (f"1 iteration from the seeded state (alternately epoch {release_cfg['warm_up'] - 1} i "
+                 f"{ITERS_PER_EPOCH - 1} and epoch {release_cfg['warm_up']} i 0)")
+    else:
+        steps = (f"3 consecutive iterations (epoch {release_cfg['warm_up'] - 1} i {ITERS_PER_EPOCH - 2}, "
+                 f"{ITERS_PER_EPOCH - 1}; epoch {release_cfg['warm_up']} i 0; {ITERS_PER_EPOCH} per epoch), "
+                 + ("each side on its own state" if args.free_running else "ours taking the release's state after each"))
+    header = (f"Release {info['commit']}, {args.backbone}, seed {args.seed}, {len(cases)} (v, t) x {steps}; 2 + 2 + 2 "
+              f"images of {args.size} x {args.size}, conf_thresh {args.conf_thresh}, float32 CPU, Bi-WKV '{info['wkv']}' "
               f"(float64) in the release; torch {torch.__version__}; overrides: {' '.join(args.overrides) or 'none'}.")
     text = "\n".join([header, "", table.markdown(), "", f"{time.time() - started:.0f} s on {os.cpu_count()} CPU "
                       f"cores ({torch.get_num_threads()} threads)."])
@@ -586,7 +606,10 @@ def main(argv=None) -> int:
     if args.write_fixture:
         torch.save({"format": "scalematch-release-step/1", "info": {
             "commit": info["commit"], "backbone": args.backbone, "seed": args.seed, "size": args.size,
-            "conf_thresh": args.conf_thresh, "iters_per_epoch": ITERS_PER_EPOCH, "torch": str(torch.__version__)},
+            "conf_thresh": args.conf_thresh, "iters_per_epoch": ITERS_PER_EPOCH, "torch": str(torch.__version__),
+            "parameter_names": [project_name(name) for name, _ in net.named_parameters()],
+            "statistic_names": [project_name(name) for name, b in net.named_buffers()
+                                if not name.endswith("_tracked")]},
             "steps": record}, args.write_fixture)
         print(f"wrote {args.write_fixture} ({os.path.getsize(args.write_fixture) / 1024:.0f} KiB)")
     return 0 if table.passed() else 1
