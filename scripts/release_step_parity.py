@@ -15,10 +15,15 @@ the network converted from the same weights (scripts/convert_release_checkpoint.
 For every (v, t) the release can draw (each v of img_scales with t from feat_s_scales when v > 1, else from
 feat_l_scales), both sides start from the same weights and fresh optimizers and take the same three consecutive
 iterations: the last two of the last warm-up epoch (pseudo-labels from the 1x prediction) and the first one after it
-(from the CIF). Each iteration's batch is 2 labeled + 2 unlabeled + 2 partner images of --size pixels, with ignore
-strips and CutMix boxes, drawn from --seed; both sides draw the case's (v, t) and, under the tool's deterministic
-Dropout2d, the same channel masks. conf_thresh is --conf-thresh on both sides, so that a share of the pixels of a
-randomly initialised network is confident and every unsupervised term counts (the release's 0.95 leaves none).
+(from the CIF), with the release's learning-rate schedule and momentum carried from one to the next. Each iteration's
+batch is 2 labeled + 2 unlabeled + 2 partner images of --size pixels, with ignore strips and CutMix boxes, drawn from
+--seed; both sides draw the case's (v, t) and, under the tool's deterministic Dropout2d, the same channel masks.
+conf_thresh is --conf-thresh on both sides, so that a share of the pixels of the randomly initialised network is
+confident and every unsupervised term counts (the release's 0.95 leaves none). After each iteration this codebase's
+side takes the release's weights, momentum buffers and BatchNorm statistics, so that every iteration is compared
+from one state; with --free-running each side keeps its own, and the float32 rounding differences of one step
+(1e-7 of the weights) grow, in this randomly initialised network, into differences of the next step's gradients that
+would hide a real one (docs/release.md gives the figures).
 
 Compared after each iteration, worst over cases and iterations (relative: max|ours - release| / max|release|, per
 tensor where per tensor): pseudo-labels and the partner's (exact), their confidences and every loss term and the total
@@ -34,15 +39,15 @@ rebuilds them without the release's code.
 import argparse
 import ast
 import contextlib
+import importlib.util
+import io
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import importlib.util
-import io
-import logging
 import time
 import types
 from pathlib import Path
@@ -254,8 +259,8 @@ def ours_step(model, optimizer, batch: dict, cfg: dict, epoch: int, index: int, 
     partner = {"image_weak": batch["img_u_w_mix"], "image_strong": [batch["img_u_s1_mix"], batch["img_u_s2_mix"]],
                "ignore_mask": batch["ignore_mask_mix"]}
     views = cfg["strong_views"]
-    unlabeled["image_strong"], unlabeled["cutmix_box"] = unlabeled["image_strong"][:views], unlabeled["cutmix_box"][:views]
-    partner["image_strong"] = partner["image_strong"][:views]
+    for item, keys in ((unlabeled, ("image_strong", "cutmix_box")), (partner, ("image_strong",))):
+        item.update({key: item[key][:views] for key in keys})
     loaders = (OneBatchLoader([labeled]), OneBatchLoader([unlabeled]), OneBatchLoader([partner]))
     labels, terms = [], {}
     pseudo_label_from, losses = scalematch.pseudo_label_from, scalematch.semi_supervised_losses
@@ -502,10 +507,7 @@ def run_case(tool, trainer, net, release_start, model, ours_start, cfg, release_
 
 
 def take_release_state(model, optimizer, net, release_optimizer) -> None:
-    """Our weights, momentum buffers and BatchNorm statistics set to the release's, so that the next iteration
-    starts both sides from one state: float32 differences of 1e-7 in the weights grow, through a randomly
-    initialised network's train-mode BatchNorm on small images, into differences of the next step's gradients that
-    would hide any real one (measured with --free-running)."""
+    """Our weights, momentum buffers and BatchNorm statistics set to the release's (see the module docstring)."""
     parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     with torch.no_grad():
         for name, release_parameter in net.named_parameters():
@@ -546,7 +548,7 @@ def main(argv=None) -> int:
                         help="conf_thresh of both sides (default: 0.08)")
     parser.add_argument("--cases", nargs="+", metavar="V,T", help="only these (v, t) of the release's")
     parser.add_argument("--free-running", action="store_true",
-                        help="each side continues from its own state (default: ours takes the release's after each step)")
+                        help="each side continues from its own state (default: ours takes the release's after each)")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--write-fixture", metavar="PATH", help="pin the release's step on seeded weights")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for this codebase's side")
@@ -594,10 +596,12 @@ def main(argv=None) -> int:
     else:
         steps = (f"3 consecutive iterations (epoch {release_cfg['warm_up'] - 1} i {ITERS_PER_EPOCH - 2}, "
                  f"{ITERS_PER_EPOCH - 1}; epoch {release_cfg['warm_up']} i 0; {ITERS_PER_EPOCH} per epoch), "
-                 + ("each side on its own state" if args.free_running else "ours taking the release's state after each"))
+                 + ("each side on its own state" if args.free_running else
+                    "ours taking the release's state after each"))
     header = (f"Release {info['commit']}, {args.backbone}, seed {args.seed}, {len(cases)} (v, t) x {steps}; 2 + 2 + 2 "
-              f"images of {args.size} x {args.size}, conf_thresh {args.conf_thresh}, float32 CPU, Bi-WKV '{info['wkv']}' "
-              f"(float64) in the release; torch {torch.__version__}; overrides: {' '.join(args.overrides) or 'none'}.")
+              f"images of {args.size} x {args.size}, conf_thresh {args.conf_thresh}, float32 CPU, Bi-WKV "
+              f"'{info['wkv']}' (float64) in the release; torch {torch.__version__}; overrides: "
+              f"{' '.join(args.overrides) or 'none'}.")
     text = "\n".join([header, "", table.markdown(), "", f"{time.time() - started:.0f} s on {os.cpu_count()} CPU "
                       f"cores ({torch.get_num_threads()} threads)."])
     print(text)

@@ -9,8 +9,9 @@ ScaleMatch.py beside this codebase's step and found them equal (docs/release.md,
 Its weights are this codebase's resnet50 network initialised under torch.manual_seed(0) with calibrated BatchNorm
 statistics (seeded_model), which this test rebuilds; its batches come from make_batch; its Dropout2d channel masks
 are stored. For two iterations from that state, the last warm-up one (pseudo-labels from 1x) with v = 0.5, t = 1.25
-and the first after warm-up (from the CIF) with v = 2.0, t = 0.75, it holds the release's pseudo-labels and confidences, loss terms and
-total, and per tensor the gradient's norm, the norm of the weight's change and the BatchNorm statistics' norms.
+and the first after warm-up (from the CIF) with v = 2.0, t = 0.75, it holds the release's pseudo-labels and
+confidences, loss terms and total, and per tensor the gradient's norm, the norm of the weight's change and the
+BatchNorm statistics' norms.
 """
 import contextlib
 from pathlib import Path
@@ -19,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.release_step_parity import (ITERS_PER_EPOCH, make_batch, ours_optimizer, ours_step, seeded_model,
-                                         step_config)
+from scripts.release_step_parity import (ITERS_PER_EPOCH, ReleaseSourceError, ScriptedChoice, make_batch,
+                                         ours_optimizer, ours_step, release_step_code, seeded_model, step_config)
 
 REFERENCE = Path(__file__).parent / "data" / "release_step_reference.pt"
 LOSS_TOLERANCE = 1e-5  # relative; the parity run finds <= 1.1e-7 on this fixture
@@ -118,3 +119,44 @@ def test_a_changed_weight_or_divisor_departs_from_the_release(reference, seeded,
     step = reference["steps"][1]
     out, *_ = run_step(reference, seeded, step, [override])
     assert relative(out["total"], torch.tensor(step["total"])) > 100 * LOSS_TOLERANCE
+
+
+FAKE_RELEASE = '''
+def main():
+    conf_thresh = cfg["conf_thresh"]
+    optimizer = "sgd"
+    if cfg["criterion"] == "CELoss":
+        criterion_l = "ce"
+    else:
+        criterion_l = "ohem"
+    criterion_u = "ce-none"
+    total_epochs = cfg["epochs"]
+    total_iters = 8 * total_epochs
+    unused = 1
+    for i, ((img_x, mask_x), (img_u_w, _), _) in enumerate(loader):
+        seen = (i, img_x, mask_x, img_u_w, random.choice(cfg["img_scales"]), conf_thresh, criterion_l, total_iters)
+'''
+
+
+def test_release_code_is_main_setup_and_the_loop_body_with_its_own_unpacking():
+    setup, body = release_step_code(FAKE_RELEASE, "ScaleMatch.py")
+    namespace = {"cfg": {"conf_thresh": 0.95, "criterion": "CELoss", "epochs": 80, "img_scales": [0.5, 2.0]}}
+    exec(setup, namespace)
+    assert "unused" not in namespace and namespace["total_iters"] == 640
+    namespace.update(_batch=(3, (("x", "m"), ("w", "s"), ("partner",))), random=ScriptedChoice([2.0], "release"))
+    exec(body, namespace)
+    assert namespace["seen"] == (3, "x", "m", "w", 2.0, 0.95, "ce", 640)
+
+
+def test_release_code_refuses_a_source_without_the_loop_or_the_setup():
+    with pytest.raises(ReleaseSourceError, match="loops over enumerate"):
+        release_step_code(FAKE_RELEASE.replace("enumerate(loader)", "loader"), "ScaleMatch.py")
+    with pytest.raises(ReleaseSourceError, match="no longer assigns criterion_u"):
+        release_step_code(FAKE_RELEASE.replace("criterion_u =", "criterion_v ="), "ScaleMatch.py")
+
+
+def test_scripted_choice_refuses_a_scale_the_side_cannot_draw():
+    chooser = ScriptedChoice([2.0, 1.0], "this codebase")
+    assert chooser.choice([0.25, 2.0]) == 2.0
+    with pytest.raises(ReleaseSourceError, match=r"1.0 is not among its choices \[0.75\]"):
+        chooser.choice([0.75])
