@@ -391,6 +391,7 @@ class Table:
 
     def __init__(self):
         self.rows: dict[str, list] = {}
+        self.mask_ratios: list[float] = []
 
     def add(self, name: str, value: float, tolerance: float, where: str, unit: str = "relative") -> None:
         row = self.rows.setdefault(name, [0, -1.0, tolerance, "", unit])
@@ -415,6 +416,7 @@ class Table:
 
 def compare_step(table: Table, where: str, release: dict, net: nn.Module, ours: dict, model: nn.Module,
                  optimizer: torch.optim.Optimizer) -> None:
+    table.mask_ratios.append(float(release["mask_ratio"]))
     for prefix, suffix in (("", ""), ("partner_", "_mix")):
         label = release[f"mask_u_w{suffix}"]
         table.add(f"{prefix or 'unlabeled '}pseudo-label".replace("_", " "),
@@ -602,8 +604,10 @@ def main(argv=None) -> int:
               f"images of {args.size} x {args.size}, conf_thresh {args.conf_thresh}, float32 CPU, Bi-WKV "
               f"'{info['wkv']}' (float64) in the release; torch {torch.__version__}; overrides: "
               f"{' '.join(args.overrides) or 'none'}.")
-    text = "\n".join([header, "", table.markdown(), "", f"{time.time() - started:.0f} s on {os.cpu_count()} CPU "
-                      f"cores ({torch.get_num_threads()} threads)."])
+    confident = (f"Confident share of the unlabeled pixels (the release's mask_ratio): {min(table.mask_ratios):.2f} to "
+                 f"{max(table.mask_ratios):.2f} over the iterations.")
+    timing = f"{time.time() - started:.0f} s on {os.cpu_count()} CPU cores ({torch.get_num_threads()} threads)."
+    text = "\n".join([header, "", table.markdown(), "", confident, timing])
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
