@@ -25,11 +25,13 @@ from one state; with --free-running each side keeps its own, and the float32 rou
 (1e-7 of the weights) grow, in this randomly initialised network, into differences of the next step's gradients that
 would hide a real one (docs/release.md gives the figures).
 
-Compared after each iteration, worst over cases and iterations (relative: max|ours - release| / max|release|, per
+Compared, worst over cases and iterations (relative: max|ours - release| / max|release|, per
 tensor where per tensor): pseudo-labels and the partner's (exact), their confidences and every loss term and the total
 (<= 1e-6), each parameter's gradient (<= 1e-4: tensors with tiny gradients differ by float32 operation order), the
-momentum buffers (<= 1e-4, gradients of the first step), the weights and the BatchNorm running statistics (<= 1e-5),
-each param group's learning rate (exact). Exit status 1 when a row fails, 2 on bad input. key=value overrides
+momentum buffers, each weight's change by the step and the weight after it (<= 1e-4: they inherit the gradient's
+differences, and in this randomly initialised network a step can be larger than the weight it changes), the BatchNorm
+running statistics (<= 1e-5) and each param group's learning rate (exact), after every iteration of every case;
+with --free-running, per iteration. Exit status 1 when a row fails, 2 on bad input. key=value overrides
 configs/pascal.yaml on this codebase's side, e.g. loss_weights.strong=0.3, which must fail.
 
 --write-fixture PATH pins the release's step for tests/test_release_step.py: the weights are then this codebase's
@@ -43,6 +45,7 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,7 +77,7 @@ NCLASS = 21
 
 
 class ReleaseSourceError(Exception):
-    """The release's ScaleMatch.py is missing or no longer has the shape this script reads; one line."""
+    """The release cannot be read or run as this script reads it (exit status 2); one line."""
 
 
 def extract_sources(release_dir: str, dest: str) -> None:
@@ -389,11 +392,14 @@ def relative(ours: torch.Tensor, release: torch.Tensor) -> float:
 class Table:
     """Per compared quantity: how many comparisons, the worst value, and where."""
 
-    def __init__(self):
+    def __init__(self, per_iteration: bool = False):
         self.rows: dict[str, list] = {}
         self.mask_ratios: list[float] = []
+        self.per_iteration, self.iteration = per_iteration, 0
 
     def add(self, name: str, value: float, tolerance: float, where: str, unit: str = "relative") -> None:
+        if self.per_iteration:
+            name = f"iteration {self.iteration + 1}: {name}"
         row = self.rows.setdefault(name, [0, -1.0, tolerance, "", unit])
         row[0] += 1
         if value > row[1]:
@@ -415,7 +421,8 @@ class Table:
 
 
 def compare_step(table: Table, where: str, release: dict, net: nn.Module, ours: dict, model: nn.Module,
-                 optimizer: torch.optim.Optimizer) -> None:
+                 optimizer: torch.optim.Optimizer, before: dict) -> None:
+    """One iteration's rows; ``before``: each side's weights before it, {"release": {...}, "ours": {...}}."""
     table.mask_ratios.append(float(release["mask_ratio"]))
     for prefix, suffix in (("", ""), ("partner_", "_mix")):
         label = release[f"mask_u_w{suffix}"]
@@ -430,18 +437,21 @@ def compare_step(table: Table, where: str, release: dict, net: nn.Module, ours: 
     parameters = dict(model.named_parameters())
     momentum = lambda opt, p: opt.state[p]["momentum_buffer"]
     release_optimizer = release["optimizer"]
-    worst = {"gradient": (0.0, ""), "momentum buffer": (0.0, ""), "weight after the step": (0.0, "")}
+    rows = ("gradient", "momentum buffer", "change of the weight by the step", "weight after the step")
+    worst = {what: (0.0, "") for what in rows}
     for name, release_parameter in net.named_parameters():
         parameter = parameters[project_name(name)]
         for what, ours_tensor, release_tensor in (
                 ("gradient", parameter.grad, release_parameter.grad),
                 ("momentum buffer", momentum(optimizer, parameter), momentum(release_optimizer, release_parameter)),
+                ("change of the weight by the step", parameter.detach() - before["ours"][project_name(name)],
+                 release_parameter.detach() - before["release"][name]),
                 ("weight after the step", parameter.detach(), release_parameter.detach())):
             value = relative(ours_tensor, release_tensor)
             if value >= worst[what][0]:
                 worst[what] = (value, name)
-    for what, tolerance in (("gradient", 1e-4), ("momentum buffer", 1e-4), ("weight after the step", 1e-5)):
-        table.add(f"{what} (worst tensor)", worst[what][0], tolerance, f"{where}, {worst[what][1]}")
+    for what in rows:
+        table.add(f"{what} (worst tensor)", worst[what][0], 1e-4, f"{where}, {worst[what][1]}")
     buffers = dict(model.named_buffers())
     statistics, counts = (0.0, ""), 0
     for name, release_buffer in net.named_buffers():
@@ -494,13 +504,16 @@ def run_case(tool, trainer, net, release_start, model, ours_start, cfg, release_
             model.load_state_dict(ours_start)
             optimizer = fresh_optimizers(model, cfg, trainer, net, release_cfg, epoch, index)
         batch = make_batch(args.size, 2, args.seed, number)
+        before = {side: {name: p.detach().clone() for name, p in module.named_parameters()}
+                  for side, module in (("release", net), ("ours", model))}
         dropout_seed, keep = 100 * args.seed + number, {}
         with tool.deterministic_dropout(dropout_seed, keep):
             release = trainer.step(batch, epoch, index, case)
         with tool.deterministic_dropout(dropout_seed):
             ours = ours_step(model, optimizer, batch, cfg, epoch, index, ITERS_PER_EPOCH, case)
         where = f"v={case[0]} t={case[1]} epoch {epoch} i {index}"
-        compare_step(table, where, release, net, ours, model, optimizer)
+        table.iteration = number
+        compare_step(table, where, release, net, ours, model, optimizer, before)
         if record is not None:
             record.append(pinned_step(case, epoch, index, number, keep, release, net, release_start,
                                       trainer.optimizer))
@@ -548,7 +561,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=65, help="image side (default: 65)")
     parser.add_argument("--conf-thresh", type=float, default=0.08,
                         help="conf_thresh of both sides (default: 0.08)")
-    parser.add_argument("--cases", nargs="+", metavar="V,T", help="only these (v, t) of the release's")
+    parser.add_argument("--case", action="append", metavar="V,T", help="only this (v, t) of the release's (repeatable)")
     parser.add_argument("--free-running", action="store_true",
                         help="each side continues from its own state (default: ours takes the release's after each)")
     parser.add_argument("--markdown", help="also write the table to this file")
@@ -562,7 +575,7 @@ def main(argv=None) -> int:
         net = tool.build_release_model(args.release_dir, nclass=NCLASS, backbone=args.backbone, seed=args.seed,
                                        calibrate=not args.write_fixture)
     except tool.ReleaseError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise ReleaseSourceError(str(error)) from None
     release_cfg = dict(net.release_config, conf_thresh=args.conf_thresh, amp=False)
     with tempfile.TemporaryDirectory() as folder:
         extract_sources(args.release_dir, folder)
@@ -577,18 +590,19 @@ def main(argv=None) -> int:
                     [f"backbone={args.backbone}", *args.overrides])
             model = load_trained_model(converted, torch.device("cpu"))[0]
     if release_cfg["warm_up"] != cfg["warm_up"] or release_cfg["epochs"] != cfg["epochs"]:
-        raise SystemExit(f"error: warm_up/epochs {cfg['warm_up']}/{cfg['epochs']} here, "
-                         f"{release_cfg['warm_up']}/{release_cfg['epochs']} in the release")
+        raise ReleaseSourceError(f"warm_up/epochs {cfg['warm_up']}/{cfg['epochs']} here, "
+                                 f"{release_cfg['warm_up']}/{release_cfg['epochs']} in the release")
     cases = release_cases(release_cfg)
-    if args.cases:
-        chosen = [tuple(float(x) for x in text.split(",")) for text in args.cases]
+    if args.case:
+        chosen = [tuple(float(x) for x in text.split(",")) if re.fullmatch(r"[\d.]+,[\d.]+", text) else text
+                  for text in args.case]
         unknown = [case for case in chosen if case not in cases]
         if unknown:
-            raise SystemExit(f"error: --cases {unknown}: the release draws only {cases}")
+            parser.error(f"--case {unknown[0]}: the release draws only {cases}")
         cases = chosen
     release_start = {name: tensor.clone() for name, tensor in net.state_dict().items()}
     ours_start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    table, record = Table(), [] if args.write_fixture else None
+    table, record = Table(per_iteration=args.free_running), [] if args.write_fixture else None
     for case in cases:
         run_case(tool, trainer, net, release_start, model, ours_start, cfg, release_cfg, case, args, table, record)
     info = net.release_info

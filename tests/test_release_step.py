@@ -3,7 +3,7 @@
 The fixture was written by scripts/release_step_parity.py, which executed the release's training-loop body from its
 ScaleMatch.py beside this codebase's step and found them equal (docs/release.md, "The training step"):
 
-    python scripts/release_step_parity.py RELEASE_DIR --backbone resnet50 --size 33 --cases 0.5,1.25 2.0,0.75 \
+    python scripts/release_step_parity.py RELEASE_DIR --backbone resnet50 --size 33 --case 0.5,1.25 --case 2.0,0.75 \
         --write-fixture tests/data/release_step_reference.pt
 
 Its weights are this codebase's resnet50 network initialised under torch.manual_seed(0) with calibrated BatchNorm
