@@ -28,8 +28,8 @@ would hide a real one (docs/release.md gives the figures).
 Compared, worst over cases and iterations (relative: max|ours - release| / max|release|, per
 tensor where per tensor): pseudo-labels and the partner's (exact), their confidences and every loss term and the total
 (<= 1e-6), each parameter's gradient (<= 1e-4: tensors with tiny gradients differ by float32 operation order), the
-momentum buffers, each weight's change by the step and the weight after it (<= 1e-4: they inherit the gradient's
-differences, and in this randomly initialised network a step can be larger than the weight it changes), the BatchNorm
+momentum buffers (the step is -lr times the buffer) and the weights after the step (<= 1e-4: they inherit the
+gradient's differences, and in this randomly initialised network a step can be larger than its weight), the BatchNorm
 running statistics (<= 1e-5) and each param group's learning rate (exact), after every iteration of every case;
 with --free-running, per iteration. Exit status 1 when a row fails, 2 on bad input. key=value overrides
 configs/pascal.yaml on this codebase's side, e.g. loss_weights.strong=0.3, which must fail.
@@ -421,8 +421,7 @@ class Table:
 
 
 def compare_step(table: Table, where: str, release: dict, net: nn.Module, ours: dict, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, before: dict) -> None:
-    """One iteration's rows; ``before``: each side's weights before it, {"release": {...}, "ours": {...}}."""
+                 optimizer: torch.optim.Optimizer) -> None:
     table.mask_ratios.append(float(release["mask_ratio"]))
     for prefix, suffix in (("", ""), ("partner_", "_mix")):
         label = release[f"mask_u_w{suffix}"]
@@ -437,15 +436,13 @@ def compare_step(table: Table, where: str, release: dict, net: nn.Module, ours: 
     parameters = dict(model.named_parameters())
     momentum = lambda opt, p: opt.state[p]["momentum_buffer"]
     release_optimizer = release["optimizer"]
-    rows = ("gradient", "momentum buffer", "change of the weight by the step", "weight after the step")
+    rows = ("gradient", "momentum buffer", "weight after the step")
     worst = {what: (0.0, "") for what in rows}
     for name, release_parameter in net.named_parameters():
         parameter = parameters[project_name(name)]
         for what, ours_tensor, release_tensor in (
                 ("gradient", parameter.grad, release_parameter.grad),
                 ("momentum buffer", momentum(optimizer, parameter), momentum(release_optimizer, release_parameter)),
-                ("change of the weight by the step", parameter.detach() - before["ours"][project_name(name)],
-                 release_parameter.detach() - before["release"][name]),
                 ("weight after the step", parameter.detach(), release_parameter.detach())):
             value = relative(ours_tensor, release_tensor)
             if value >= worst[what][0]:
@@ -504,8 +501,6 @@ def run_case(tool, trainer, net, release_start, model, ours_start, cfg, release_
             model.load_state_dict(ours_start)
             optimizer = fresh_optimizers(model, cfg, trainer, net, release_cfg, epoch, index)
         batch = make_batch(args.size, 2, args.seed, number)
-        before = {side: {name: p.detach().clone() for name, p in module.named_parameters()}
-                  for side, module in (("release", net), ("ours", model))}
         dropout_seed, keep = 100 * args.seed + number, {}
         with tool.deterministic_dropout(dropout_seed, keep):
             release = trainer.step(batch, epoch, index, case)
@@ -513,7 +508,7 @@ def run_case(tool, trainer, net, release_start, model, ours_start, cfg, release_
             ours = ours_step(model, optimizer, batch, cfg, epoch, index, ITERS_PER_EPOCH, case)
         where = f"v={case[0]} t={case[1]} epoch {epoch} i {index}"
         table.iteration = number
-        compare_step(table, where, release, net, ours, model, optimizer, before)
+        compare_step(table, where, release, net, ours, model, optimizer)
         if record is not None:
             record.append(pinned_step(case, epoch, index, number, keep, release, net, release_start,
                                       trainer.optimizer))
