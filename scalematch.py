@@ -30,6 +30,7 @@ from model.backbone import PretrainedError
 from util.checkpoint import (CheckpointError, RunDirectoryError, directories_to_create, load_checkpoint,
                               load_model_state, lock_run_directory, release_run_directory, remove_stale_temporaries,
                               remove_unstarted_run, save_checkpoint, write_atomically)
+from util.compat import distributed_data_parallel
 from util.config import ConfigError, dump_config, load_config
 from util.dist import (all_reduce_sum, broadcast_from_main, cleanup, gather_to_main, init_distributed, report_failure,
                        under_torchrun, watch_launcher)
@@ -654,8 +655,7 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes) -> No
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # Buffers are made equal once, here, and then stay each process's own (resume restores them per rank).
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                    forward_sync_buffers=False)
+        model = distributed_data_parallel(model, [local_rank] if device.type == "cuda" else None)
     net = model.module if world_size > 1 else model
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)

@@ -5,6 +5,10 @@
 One node by default (torchrun --standalone). Across nodes, the same command runs on every node with the usual
 variables set (rendezvous_args): NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or RDZV_ENDPOINT (and RDZV_ID).
 
+A collective waits for its peers SCALEMATCH_COLLECTIVE_TIMEOUT_S seconds where that variable is set (the GPU acceptance
+run sets it, so that a stalled peer fails its part instead of eating the time of the parts after it), torch's default
+otherwise.
+
 Under torchrun a worker does not print its one-line errors: ``report_failure`` records them in the error file torchrun
 gives it (TORCHELASTIC_ERROR_FILE), and the launcher prints the failure that caused the others once.
 """
@@ -17,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 from typing import NamedTuple
 
 import torch
@@ -29,6 +34,17 @@ def _env_int(name: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def collective_timeout() -> timedelta | None:
+    """How long a collective waits for its peers: SCALEMATCH_COLLECTIVE_TIMEOUT_S seconds, or None (torch's default)
+    where that variable is not set."""
+    if "SCALEMATCH_COLLECTIVE_TIMEOUT_S" not in os.environ:
+        return None
+    seconds = _env_int("SCALEMATCH_COLLECTIVE_TIMEOUT_S", 0)
+    if seconds < 1:
+        raise ValueError(f"environment variable SCALEMATCH_COLLECTIVE_TIMEOUT_S={seconds} must be at least 1")
+    return timedelta(seconds=seconds)
 
 
 def init_distributed(force_cpu: bool = False) -> tuple[int, int, int, torch.device]:
@@ -50,7 +66,8 @@ def init_distributed(force_cpu: bool = False) -> tuple[int, int, int, torch.devi
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         # Binding NCCL to this process's GPU keeps collectives (barrier included) off other devices.
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=collective_timeout())
     return rank, world_size, local_rank, device
 
 
