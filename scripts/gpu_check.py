@@ -201,11 +201,14 @@ def run_part(name: str, command: list[str], timeout_s: float, folder: Path) -> O
 
 
 def junit_results(junit_xml: Path) -> list[tuple[str, str, float, str]]:
-    """(test, passed / failed / error / skipped, seconds, message) of each test in pytest's JUnit XML; [] without it."""
-    if not junit_xml.exists() or junit_xml.stat().st_size == 0:
+    """(test, passed / failed / error / skipped, seconds, message) of each test in pytest's JUnit XML; [] without it or
+    when it was left unfinished (pytest writes it at the end, so a part stopped while writing leaves it cut)."""
+    try:
+        root = ElementTree.parse(junit_xml).getroot()
+    except (OSError, ElementTree.ParseError):
         return []
     results = []
-    for case in ElementTree.parse(junit_xml).getroot().iter("testcase"):
+    for case in root.iter("testcase"):
         ending = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
         result = "passed" if ending is None else {"failure": "failed"}.get(ending.tag, ending.tag)
         message = "" if ending is None else " ".join((ending.get("message") or "").split())
@@ -330,7 +333,7 @@ def environment_rows(found: dict[str, str], missing: dict[str, str]) -> list[lis
     return rows + ([["missing", "; ".join(f"{name} ({why})" for name, why in missing.items())]] if missing else [])
 
 
-def main(argv: list) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     found, missing = check_environment()
     started, start = datetime.now(timezone.utc), time.monotonic()
@@ -353,7 +356,9 @@ def main(argv: list) -> int:
         return 1
     deadline = run.start + BUDGET_S - REPORT_MARGIN_S
     junit_xml = args.out / "tests.xml"
-    junit_xml.unlink(missing_ok=True)
+    # What an earlier run into the same folder left of these parts would pass for this run's.
+    for path in [junit_xml, *(path for name in args.parts for path in log_paths(args.out, name))]:
+        path.unlink(missing_ok=True)
     for name in args.parts:
         run.running = name
         write_report(args.out, report(run))

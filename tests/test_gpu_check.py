@@ -137,6 +137,9 @@ def test_a_run_reports_every_part_and_exits_1_when_one_failed(monkeypatch, tmp_p
     assert (out / "step.stderr.log").read_text() == "Traceback: boom\n"
     assert (out / "tests.xml").read_text() == JUNIT
     assert not (out / "wkv.log").exists()
+    # A rerun of some parts into the same folder leaves no output of an earlier run beside them.
+    assert gpu_check.main(["--out", str(out), "--parts", "wkv"]) == 0
+    assert not (out / "tests.xml").exists() and (out / "wkv.log").read_text() == "never\n"
 
 
 def test_a_stalled_part_leaves_the_later_parts_their_time(monkeypatch, tmp_path):
@@ -217,6 +220,13 @@ def test_a_package_that_does_not_import_is_named_and_nothing_runs(monkeypatch, t
     report = (tmp_path / "report.md").read_text()
     assert "| result | **failed: no_such_package did not import** (this script installs nothing) |" in report
     assert not list(tmp_path.glob("*.log"))
+
+
+def test_junit_xml_cut_short_reads_as_no_tests(tmp_path):
+    cut = tmp_path / "tests.xml"
+    cut.write_text(JUNIT[:len(JUNIT) // 2])
+    assert gpu_check.junit_results(cut) == []
+    assert gpu_check.junit_results(tmp_path / "absent.xml") == []
 
 
 def test_skipped_cuda_tests_fail_the_tests_part():
