@@ -21,7 +21,7 @@ from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import build_model  # noqa: E402
-from util.compat import distributed_data_parallel  # noqa: E402
+from util.compat import destroy_process_group, distributed_data_parallel  # noqa: E402
 from util.config import validate  # noqa: E402
 from util.dist import collective_timeout  # noqa: E402
 
@@ -114,7 +114,7 @@ def main() -> None:
     if rank == 0:
         with open(out_path, "w") as file:
             json.dump({"world_size": world_size, **dict(zip(differences, worst.tolist()))}, file)
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from util.compat import distributed_data_parallel
+from util.compat import destroy_process_group, distributed_data_parallel
 
 WORLD_SIZE = 2
 
@@ -29,7 +29,7 @@ def wrap_and_forward(rank: int, folder: str) -> None:
     with open(f"{folder}/{rank}.json", "w") as file:
         json.dump({"wrapped": isinstance(wrapped, nn.parallel.DistributedDataParallel),
                    "after_construction": after_construction, "after_forward": module.running_mean.tolist()}, file)
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def test_ddp_wrapper_copies_buffers_at_construction_only(tmp_path):

@@ -5,8 +5,10 @@ Feature checks, not version numbers: a build that backports an API is served by 
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Sequence
 
+import torch.distributed as dist
 from torch import nn
 
 # torch 2.13 replaced DistributedDataParallel's broadcast_buffers by forward_sync_buffers, which leaves the copy of the
@@ -29,3 +31,12 @@ def distributed_data_parallel(module: nn.Module,
     wrapped = ddp(module, device_ids=device_ids)
     wrapped.broadcast_buffers = False
     return wrapped
+
+
+def destroy_process_group() -> None:
+    """Leave the default process group. Before torch 2.8 its destructor keeps Python's lock while it waits for gloo's
+    worker threads, and a worker still freeing the tensor of a finished collective waits for that lock: both hang (seen
+    with eval.py over two processes on torch 2.4). A pause without the lock first lets the workers finish; harmless
+    where the destructor lets go of the lock itself."""
+    time.sleep(0.2)
+    dist.destroy_process_group()

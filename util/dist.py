@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from util.compat import destroy_process_group
+
 
 def _env_int(name: str, default: int) -> int:
     text = os.environ.get(name, str(default))
@@ -110,7 +112,7 @@ def gather_to_main(value) -> list | None:
 def cleanup() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def under_torchrun() -> bool:
