@@ -40,3 +40,9 @@ def destroy_process_group() -> None:
     where the destructor lets go of the lock itself."""
     time.sleep(0.2)
     dist.destroy_process_group()
+
+
+def processes_could_not_meet(error: BaseException) -> bool:
+    """Whether ``error``, raised while torchrun sets up its rendezvous, says the processes could not meet: a DistError,
+    or the bare RuntimeError that torch 2.4's store raises when it cannot listen (a port in use)."""
+    return isinstance(error, dist.DistError) or (type(error) is RuntimeError and "failed to listen" in str(error))

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from util.compat import destroy_process_group
+from util.compat import destroy_process_group, processes_could_not_meet
 
 
 def _env_int(name: str, default: int) -> int:
@@ -253,7 +253,9 @@ def launch(nproc: int, command: list[str]) -> int:
         message, status = _root_cause(failed.failures)
         print(message, file=sys.stderr)
         return status
-    except (dist.DistError, RendezvousError) as failed:
+    except (RuntimeError, RendezvousError) as failed:
+        if not isinstance(failed, RendezvousError) and not processes_could_not_meet(failed):
+            raise
         # The nodes never met (a port in use, a master that does not answer): no worker ran.
         reason = str(failed).strip().splitlines()[0] if str(failed).strip() else type(failed).__name__
         print(f"error: the processes could not meet at {rendezvous.endpoint or 'this node'} ({reason})",
