@@ -28,6 +28,7 @@ from model import build_model
 from model.backbone import PretrainedError
 from util.bounded_exit import Teardown
 from util.checkpoint import save_checkpoint, write_atomically
+from util.compat import distributed_data_parallel
 from util.config import ConfigError, check_batch_size, dump_config, load_config, without_idle_cif
 from util.dist import broadcast_from_main, cleanup, init_distributed
 from util.evaluation import autocast_dtype, evaluate
@@ -428,8 +429,7 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes, teard
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # Buffers are made equal once, here, and then stay each process's own (resume restores them per rank).
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                    forward_sync_buffers=False)
+        model = distributed_data_parallel(model, [local_rank] if device.type == "cuda" else None)
     amp_dtype = autocast_dtype(cfg, device)
     run = Run(cfg, model, optimizer, device, iters_per_epoch * cfg["epochs"],
               torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype, rank, world_size,

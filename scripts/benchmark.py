@@ -391,10 +391,10 @@ def resident_bytes(trainer: Trainer) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def measure_memory(setup: Setup, trainer: Trainer, cfg: dict) -> tuple[int, int, int] | None:
-    """(saved activation bytes, peak allocated bytes, bytes held between steps) of a training step; the step that
-    counts the saved tensors comes first and creates the momentum buffers, so the peak is that of a step in the middle
-    of training. None when the GPU runs out of memory."""
+def measure_memory(setup: Setup, trainer: Trainer, cfg: dict) -> tuple[int, int, int, int | None] | None:
+    """(saved activation bytes, peak allocated bytes, bytes held between steps, torch.cuda.max_memory_reserved during
+    the step, None on the CPU) of a training step; the step that counts the saved tensors comes first and creates the
+    momentum buffers, so the peak is that of a step in the middle of training. None when the GPU runs out of memory."""
     try:
         saved = SavedActivations(trainer.model).run(lambda: trainer.step(cfg))
         # fp16's scaler skips the update of a step whose gradients overflow, and the momentum buffers come with it.
@@ -402,7 +402,10 @@ def measure_memory(setup: Setup, trainer: Trainer, cfg: dict) -> tuple[int, int,
             if trainer.optimizer.state:
                 break
             trainer.step(cfg)
-        return saved, peak_allocated(setup, lambda: trainer.step(cfg)), resident_bytes(trainer)
+        peak = peak_allocated(setup, lambda: trainer.step(cfg))
+        # peak_allocated reset the peak statistics before the step, the reserved one included.
+        reserved = torch.cuda.max_memory_reserved(setup.device) if setup.device.type == "cuda" else None
+        return saved, peak, resident_bytes(trainer), reserved
     except torch.cuda.OutOfMemoryError:
         pass
     # Outside the except block, whose traceback still holds the failed step's tensors.
@@ -420,7 +423,7 @@ def section_memory(setup: Setup) -> str:
     trainer = Trainer(setup, setup.config(**scalematch_at(1.0)))
     single = {v: measure_memory(setup, trainer, setup.config(**scalematch_at(v)))
               for v in sorted({v for group in setup.scale_groups for v in group})}
-    saved, peak, _ = (None, None, None) if baseline is None else baseline
+    saved, peak = (None, None) if baseline is None else baseline[:2]
     rows = [["baseline (FixMatch)", "-", mebibytes(saved), "", "", mebibytes(peak), "", "", "", ""]]
     isvc_ratios, mri_ratios = [], []
     for group in setup.scale_groups[1:]:
@@ -465,13 +468,13 @@ def gigibytes(value: int | None) -> str:
 
 def gpu_peak_table(setup: Setup, baseline: tuple | None, single: dict) -> str:
     """Peak memory of a whole training process on the GPU, per setting and per image scale v: what it holds between
-    steps plus the step's peak above that."""
+    steps plus the step's peak above that, beside what the caching allocator reserved at most during the step."""
     settings = [("FixMatch (baseline)", baseline)] + [(f"ScaleMatch v={v:g}", single[v]) for v in sorted(single)]
     rows, totals = [], []
     for name, result in settings:
-        held, step = (None, None) if result is None else (result[2], result[1])
+        held, step, reserved = (None, None, None) if result is None else (result[2], result[1], result[3])
         total = None if result is None else held + step
-        rows.append([name, gigibytes(held), gigibytes(step), gigibytes(total)])
+        rows.append([name, gigibytes(held), gigibytes(step), gigibytes(total), gigibytes(reserved)])
         if name.startswith("ScaleMatch"):
             totals.append(total)
     limit = TARGETS["peak_per_gpu_gib"]
@@ -482,10 +485,11 @@ def gpu_peak_table(setup: Setup, baseline: tuple | None, single: dict) -> str:
     notes = (f"GiB (2^30 bytes) of one training process on the GPU: 'held' is what it keeps between steps (parameters, "
              f"buffers, SGD momentum, its batch); 'step' the peak of torch.cuda.max_memory_allocated during a step "
              f"above that; 'peak' their sum, what one process of a run with {setup.batch} + {setup.batch} images per "
-             f"GPU allocates at most at that v ({setup.nclass} classes, CIF on, t = 1). The CUDA context and the "
-             f"caching allocator's unused reserve, which nvidia-smi also counts, come on top.\n\n"
+             f"GPU allocates at most at that v ({setup.nclass} classes, CIF on, t = 1); 'reserved' the largest "
+             f"torch.cuda.max_memory_reserved during the step, what the caching allocator held from the GPU, unused "
+             f"reserve included. The CUDA context, which nvidia-smi also counts, comes on top.\n\n"
              f"Target: at most {limit:g} GiB per GPU at every v (the paper reports 15.5 GB): largest {largest}.")
-    header = ["setting", "held", "step", "peak"]
+    header = ["setting", "held", "step", "peak", "reserved"]
     return "**Peak per GPU of a training process**\n\n" + table(header, rows) + "\n\n" + notes
 
 

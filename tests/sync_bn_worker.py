@@ -1,7 +1,7 @@
 """Torchrun worker of tests/test_cuda.py: one training step of ScaleMatch's network converted to SyncBatchNorm and
-wrapped in DistributedDataParallel as scalematch.py wraps it, each process on its share of a batch, against the same
-network with plain BatchNorm on the whole batch in one process. Rank 0 writes the largest differences, relative to
-the largest reference value, as JSON to OUT.
+wrapped in DistributedDataParallel by scalematch.py's wrapper (util.compat), each process on its share of a batch,
+against the same network with plain BatchNorm on the whole batch in one process. Rank 0 writes the largest
+differences, relative to the largest reference value, as JSON to OUT.
 
     python -m torch.distributed.run --standalone --nproc-per-node N tests/sync_bn_worker.py {gloo,nccl} OUT
 
@@ -21,7 +21,9 @@ from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import build_model  # noqa: E402
+from util.compat import destroy_process_group, distributed_data_parallel  # noqa: E402
 from util.config import validate  # noqa: E402
+from util.dist import collective_timeout  # noqa: E402
 
 BATCH = 4
 NCLASS = 4
@@ -78,15 +80,15 @@ def main() -> None:
     torch.cuda.set_device(device)
     # Full float32 convolutions: the differences measured are the synchronisation's, not TF32's.
     torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    dist.init_process_group(backend, device_id=device if backend == "nccl" else None, timeout=collective_timeout())
     rank, world_size = dist.get_rank(), dist.get_world_size()
     cfg = validate({"dataset": "synthetic", "data_root": "unused", "nclass": NCLASS, "backbone": "tv_resnet18",
                     "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8}, "sync_bn_worker")
     torch.manual_seed(0)
     reference = build_model(cfg).to(device).train()
-    # As scalematch.train: SyncBatchNorm, then DDP without broadcasting buffers.
+    # As scalematch.train: SyncBatchNorm, then the same DDP wrapper.
     model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
-    model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index], broadcast_buffers=False)
+    model = distributed_data_parallel(model, [device.index])
     images, masks = whole_batch(device)
     share = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
     expected, loss = predictions_and_loss(reference, images, masks)
@@ -112,7 +114,7 @@ def main() -> None:
     if rank == 0:
         with open(out_path, "w") as file:
             json.dump({"world_size": world_size, **dict(zip(differences, worst.tolist()))}, file)
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -69,12 +69,15 @@ def test_peak_per_gpu_adds_what_a_process_holds_to_the_peak_of_its_step():
     setup = benchmark.Setup(device=torch.device("cpu"), backbone="resnet101", crop=513, batch=2, steps=1, warmup=1,
                             quick=False, nclass=21)
     gib = benchmark.GIB
-    # (saved activations, step peak above what is held, held between steps), as measure_memory returns them.
-    text = benchmark.gpu_peak_table(setup, (0, 2 * gib, gib), {0.5: (0, 3 * gib, gib), 2.0: (0, 12 * gib, gib)})
+    # (saved activations, step peak above what is held, held between steps, reserved), as measure_memory returns.
+    text = benchmark.gpu_peak_table(setup, (0, 2 * gib, gib, 4 * gib),
+                                    {0.5: (0, 3 * gib, gib, 5 * gib), 2.0: (0, 12 * gib, gib, 14 * gib)})
     rows = {row[0]: row[1:] for row in table_rows(text)}
-    assert rows == {"FixMatch (baseline)": ["1.00", "2.00", "3.00"], "ScaleMatch v=0.5": ["1.00", "3.00", "4.00"],
-                    "ScaleMatch v=2": ["1.00", "12.00", "13.00"]}
+    assert rows == {"FixMatch (baseline)": ["1.00", "2.00", "3.00", "4.00"],
+                    "ScaleMatch v=0.5": ["1.00", "3.00", "4.00", "5.00"],
+                    "ScaleMatch v=2": ["1.00", "12.00", "13.00", "14.00"]}
     assert "Target: at most 12 GiB per GPU at every v (the paper reports 15.5 GB): largest 13.00 GiB **not met**." \
         in text
-    out_of_memory = benchmark.gpu_peak_table(setup, (0, 2 * gib, gib), {2.0: None})
-    assert "| ScaleMatch v=2 | OOM | OOM | OOM |" in out_of_memory and "largest n/a (out of memory)" in out_of_memory
+    out_of_memory = benchmark.gpu_peak_table(setup, (0, 2 * gib, gib, 4 * gib), {2.0: None})
+    assert "| ScaleMatch v=2 | OOM | OOM | OOM | OOM |" in out_of_memory
+    assert "largest n/a (out of memory)" in out_of_memory

@@ -314,7 +314,7 @@ def _damage(path: Path, how: str) -> None:
     data = path.read_bytes()
     if how == "truncated":
         path.write_bytes(data[:len(data) // 2])
-    elif how == "corrupt":  # a valid header, then noise
+    elif how == "corrupt":  # the first third, then noise
         path.write_bytes(data[:len(data) // 3] + bytes(range(256)) * 4)
     elif how == "huge header":  # a BMP whose header claims 100000 x 100000 pixels
         path.write_bytes(b"BM" + bytes(8) + (54).to_bytes(4, "little") + (40).to_bytes(4, "little")
@@ -327,7 +327,9 @@ def _damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how, reason", [
     ("truncated", r"the file is truncated \(PIL: .+\)"),
-    ("corrupt", r"(the file is truncated|the file is damaged, or a variant PIL cannot decode) \(PIL: .+\)"),
+    # The cut lands in this small JPEG's header: Pillow 13 refuses it when decoding, Pillow 10 (oldest pins) at opening.
+    ("corrupt", r"((the file is truncated|the file is damaged, or a variant PIL cannot decode) \(PIL: .+\)"
+                r"|not an image PIL can read)"),
     ("huge header", "its header claims more than 178,956,970 pixels: a damaged file, or an image too large to load"),
     ("folder", "Is a directory"),
 ])

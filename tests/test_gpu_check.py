@@ -1,6 +1,9 @@
-"""scripts/gpu_check.py on the CPU: without a GPU one line and exit 0, bad arguments one line and exit 2, and (with
-stand-in parts) the timing, stopping, verdicts and report of a run."""
+"""scripts/gpu_check.py on the CPU: without a GPU one line and exit 0 (1 with --require-gpu), bad arguments one line and
+exit 2, a missing package named, and (with stand-in parts) the timing, each part's limit, the verdicts, the logs and the
+report of a run, rewritten after every part so that a run killed mid-way leaves one."""
+import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -8,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, command_env
 
@@ -22,7 +26,7 @@ def gpu_check_command(*args: str, hide_gpu: bool = True) -> subprocess.Completed
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
-    out = tmp_path / "report.md"
+    out = tmp_path / "gpu_check"
     result = gpu_check_command("--out", str(out), "--parts", "tests,memory")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -34,7 +38,7 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
     (["--parts", "tests,speed"], "error: argument --parts: 'tests,speed': expected distinct names from tests, memory, "
                                  "step, eval, wkv separated by commas"),
     (["--parts", "eval,eval"], "error: argument --parts: 'eval,eval': expected distinct names"),
-    (["--out", "."], "error: argument --out: . is a folder; give a file path"),
+    (["--out", "README.md"], "error: argument --out: README.md is not a folder"),
     (["--budget", "5"], "error: unrecognized arguments: --budget 5"),
 ])
 def test_bad_arguments_exit_2_in_one_line(args, expected):
@@ -55,9 +59,9 @@ def test_a_part_past_its_time_is_stopped_with_the_processes_it_started(tmp_path)
         print("started", flush=True)
         time.sleep(60)
     """)
-    outcome = gpu_check.run_part("slow", [sys.executable, "-c", script], timeout_s=3)
+    outcome = gpu_check.run_part("slow", [sys.executable, "-c", script], timeout_s=3, folder=tmp_path)
     assert outcome.started and outcome.code is None and 3 <= outcome.seconds < 20
-    assert outcome.stdout == "started\n"
+    assert outcome.stdout == "started\n" == (tmp_path / "slow.log").read_text()
     pid = int(child_pid.read_text())
     # SIGKILL takes a moment to land.
     for _ in range(50):
@@ -98,34 +102,135 @@ STAND_INS = {
 }
 
 
-def test_a_run_reports_every_part_and_exits_1_when_one_failed(monkeypatch, tmp_path, capsys):
+def stand_in_run(monkeypatch, budget_s: float, limits: dict | None = None) -> None:
     monkeypatch.setattr(gpu_check, "PARTS", STAND_INS)
-    monkeypatch.setattr(gpu_check, "cuda_machine", lambda: [["device", "Stand-in GPU, 80 GiB"]])
-    monkeypatch.setattr(gpu_check, "BUDGET_S", gpu_check.REPORT_MARGIN_S + 8)
-    out = tmp_path / "new" / "report.md"
+    monkeypatch.setattr(gpu_check, "gpu_rows", lambda: [["GPU", "Stand-in GPU, 80 GiB"]])
+    monkeypatch.setattr(gpu_check, "BUDGET_S", gpu_check.REPORT_MARGIN_S + budget_s)
+    monkeypatch.setattr(gpu_check, "PART_LIMIT_S", limits or dict.fromkeys(STAND_INS, 100.0))
+
+
+def test_a_run_reports_every_part_and_exits_1_when_one_failed(monkeypatch, tmp_path, capsys):
+    stand_in_run(monkeypatch, budget_s=8)
+    out = tmp_path / "new" / "gpu_check"
     assert gpu_check.main(["--out", str(out)]) == 1
-    report = out.read_text()
-    assert capsys.readouterr().out.rstrip().endswith(f"report written to {out}")
+    report = (out / "report.md").read_text()
+    assert capsys.readouterr().out.rstrip().endswith(f"report written to {out / 'report.md'}")
     assert "| result | **failed: tests, step, eval, wkv** |" in report
-    assert "| device | Stand-in GPU, 80 GiB |" in report
+    assert "| GPU | Stand-in GPU, 80 GiB |" in report
+    assert f"| torch | {torch.__version__} |" in report
     rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
     assert "failed (exit code 1)" in rows["tests"]
     assert "| memory | peak memory | passed |" in rows["memory"]
     assert "failed (exit code 3)" in rows["step"]
-    assert "stopped at the 8-minute limit after" in rows["eval"]
+    assert "stopped at its limit of " in rows["eval"]  # what was left of the budget
     assert "not run: the 8-minute budget was spent" in rows["wkv"]
     # The tests, one row each, with the failure's message; the benchmark's section a level down, with its target.
     assert "| test_eval_on_the_gpu[original] | failed: AssertionError: mIoU out of range assert False | 3.1 |" in report
     assert "| test_sync_batch_norm_under_torchrun[gloo-2] | skipped: needs a CUDA GPU | 0.0 |" in report
     assert "\n### 2. Peak memory\n" in report and "\n# scalematch benchmarks" not in report
     assert "\nLoad average at the end" not in report
-    assert "\n`python -c 'import time; time.sleep(60)'`\n" in report  # each part's command
+    assert "\n`python3 -c 'import time; time.sleep(60)'`\n" in report  # each part's command
     assert "- memory: at most 12 GiB per GPU: largest 9.50 GiB **met**." in report
     assert "Traceback: boom" in report  # a failed part's last lines
+    # Each part's output beside the report, the tests' JUnit XML too.
+    assert (out / "memory.log").read_text() == BENCHMARK_OUTPUT
+    assert (out / "step.stderr.log").read_text() == "Traceback: boom\n"
+    assert (out / "tests.xml").read_text() == JUNIT
+    assert not (out / "wkv.log").exists()
+    # A rerun of some parts into the same folder leaves no output of an earlier run beside them.
+    assert gpu_check.main(["--out", str(out), "--parts", "wkv"]) == 0
+    assert not (out / "tests.xml").exists() and (out / "wkv.log").read_text() == "never\n"
+
+
+def test_a_stalled_part_leaves_the_later_parts_their_time(monkeypatch, tmp_path):
+    stand_in_run(monkeypatch, budget_s=60, limits={"tests": 5, "memory": 5, "step": 5, "eval": 2, "wkv": 5})
+    monkeypatch.setitem(STAND_INS, "tests", ("stalls", ["-c", "import time; time.sleep(60)"]))
+    start = time.monotonic()
+    assert gpu_check.main(["--out", str(tmp_path), "--parts", "tests,eval,wkv"]) == 1
+    assert time.monotonic() - start < 30
+    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "report.md").read_text().splitlines()
+            if line.startswith("| ")}
+    assert "stopped at its limit of 5 s" in rows["tests"] and "stopped at its limit of 2 s" in rows["eval"]
+    assert "| wkv | bi_wkv | passed |" in rows["wkv"]
+
+
+def test_the_parts_collectives_time_out(monkeypatch, tmp_path):
+    stand_in_run(monkeypatch, budget_s=30)
+    script = "import os, json; print(json.dumps(os.environ.get('SCALEMATCH_COLLECTIVE_TIMEOUT_S')))"
+    monkeypatch.setitem(STAND_INS, "wkv", ("environment", ["-c", script]))
+    assert gpu_check.main(["--out", str(tmp_path), "--parts", "wkv"]) == 0
+    assert json.loads((tmp_path / "wkv.log").read_text()) == str(gpu_check.COLLECTIVE_TIMEOUT_S)
+
+
+# A run of stand-ins in a process of its own: the first part passes, the second stalls, until the test kills the run.
+KILLED_RUN = """
+import sys
+sys.path.insert(0, "scripts")
+import gpu_check
+gpu_check.PARTS = {{"memory": ("passes", ["-c", "print('first part done')"]),
+                   "step": ("stalls", ["-c", "print('second part started', flush=True); import time; time.sleep(60)"])}}
+gpu_check.gpu_rows = lambda: [["GPU", "Stand-in GPU"]]
+sys.exit(gpu_check.main(["--out", {out!r}]))
+"""
+
+
+def test_a_run_killed_mid_way_leaves_a_readable_report_of_the_parts_it_finished(tmp_path):
+    out = tmp_path / "gpu_check"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(out=str(out))], cwd=REPO, env=command_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for _ in range(600):
+            if (out / "step.log").exists() and "second part started" in (out / "step.log").read_text():
+                break
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.1)
+        else:
+            pytest.fail("the second part did not start within 60 s")
+    finally:
+        # The run and the part it is waiting for, as an outer time limit would end them.
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    report = (out / "report.md").read_text()
+    assert "| result | **incomplete**: 1 of 2 parts done;" in report
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    assert "| memory | passes | passed |" in rows["memory"]
+    assert "| step | stalls | running" in rows["step"]
+    assert (out / "memory.log").read_text() == "first part done\n"
+    assert (out / "step.log").read_text() == "second part started\n"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_require_gpu_without_a_gpu_exits_1_with_a_report(tmp_path):
+    result = gpu_check_command("--out", str(tmp_path), "--require-gpu")
+    assert result.returncode == 1
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("gpu_check: no CUDA GPU is visible")
+    report = (tmp_path / "report.md").read_text()
+    assert "| result | **failed: no CUDA GPU is visible** (--require-gpu) |" in report
+    assert f"| torch | {torch.__version__} |" in report
+
+
+def test_a_package_that_does_not_import_is_named_and_nothing_runs(monkeypatch, tmp_path, capsys):
+    stand_in_run(monkeypatch, budget_s=30)
+    monkeypatch.setattr(gpu_check, "MODULES", ["torch", "no_such_package"])
+    assert gpu_check.main(["--out", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1
+    assert "1 of the packages it needs do not import" in error and "no_such_package (ModuleNotFoundError:" in error
+    report = (tmp_path / "report.md").read_text()
+    assert "| result | **failed: no_such_package did not import** (this script installs nothing) |" in report
+    assert not list(tmp_path.glob("*.log"))
+
+
+def test_junit_xml_cut_short_reads_as_no_tests(tmp_path):
+    cut = tmp_path / "tests.xml"
+    cut.write_text(JUNIT[:len(JUNIT) // 2])
+    assert gpu_check.junit_results(cut) == []
+    assert gpu_check.junit_results(tmp_path / "absent.xml") == []
 
 
 def test_skipped_cuda_tests_fail_the_tests_part():
-    passed = gpu_check.Outcome("tests", True, 0, 1.0, "", "")
+    passed = gpu_check.Outcome("tests", True, 0, 1.0, 10.0, "", "")
     assert gpu_check.part_verdict(passed, [("a", "passed", 0.1, ""), ("b", "skipped", 0.0, "no GPU")]) == (
         False, "1 of 2 tests skipped")
     assert gpu_check.part_verdict(passed, []) == (False, "no test ran")

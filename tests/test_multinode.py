@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -14,9 +15,28 @@ import torch
 
 from conftest import REPO, command_env, run, train, train_command
 from test_fault_tolerance import checkpoint_iteration, differing_tensors
+from util import dist
+from util.dist import collective_timeout
 from util.launcher import LaunchError, _root_cause, rendezvous_args
 
 EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0", "log_interval=1"]
+
+
+def test_collectives_wait_as_long_as_the_environment_says(monkeypatch):
+    monkeypatch.delenv("SCALEMATCH_COLLECTIVE_TIMEOUT_S", raising=False)
+    assert collective_timeout() is None  # torch's default
+    monkeypatch.setenv("SCALEMATCH_COLLECTIVE_TIMEOUT_S", "0")
+    with pytest.raises(ValueError, match="SCALEMATCH_COLLECTIVE_TIMEOUT_S=0 must be at least 1"):
+        collective_timeout()
+    monkeypatch.setenv("SCALEMATCH_COLLECTIVE_TIMEOUT_S", "60")
+    # The process group of a torchrun worker is made with it.
+    calls = []
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.dist, "init_process_group", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert dist.init_distributed(force_cpu=True)[:2] == (1, 2)
+    assert calls == [(("gloo",), {"device_id": None, "timeout": timedelta(seconds=60)})]
 
 
 def test_one_node_is_standalone():

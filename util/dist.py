@@ -1,6 +1,10 @@
 """A process's place in a run: joining the process group torchrun describes (or running alone), the collectives the
 run uses, its watch on the launcher, and how it reports a failure.
 
+A collective waits for its peers SCALEMATCH_COLLECTIVE_TIMEOUT_S seconds where that variable is set (the GPU acceptance
+run sets it, so that a stalled peer fails its part instead of eating the time of the parts after it), torch's default
+otherwise.
+
 Under torchrun a worker does not print its one-line errors: ``report_failure`` records them in the error file torchrun
 gives it (TORCHELASTIC_ERROR_FILE), and the launcher (util/launcher.py) prints the failure that caused the others once.
 """
@@ -13,9 +17,12 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from util.compat import destroy_process_group
 
 
 def _env_int(name: str, default: int) -> int:
@@ -24,6 +31,17 @@ def _env_int(name: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def collective_timeout() -> timedelta | None:
+    """How long a collective waits for its peers: SCALEMATCH_COLLECTIVE_TIMEOUT_S seconds, or None (torch's default)
+    where that variable is not set."""
+    if "SCALEMATCH_COLLECTIVE_TIMEOUT_S" not in os.environ:
+        return None
+    seconds = _env_int("SCALEMATCH_COLLECTIVE_TIMEOUT_S", 0)
+    if seconds < 1:
+        raise ValueError(f"environment variable SCALEMATCH_COLLECTIVE_TIMEOUT_S={seconds} must be at least 1")
+    return timedelta(seconds=seconds)
 
 
 def init_distributed(force_cpu: bool = False) -> tuple[int, int, int, torch.device]:
@@ -45,7 +63,8 @@ def init_distributed(force_cpu: bool = False) -> tuple[int, int, int, torch.devi
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         # Binding NCCL to this process's GPU keeps collectives (barrier included) off other devices.
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=collective_timeout())
     return rank, world_size, local_rank, device
 
 
@@ -88,7 +107,7 @@ def gather_to_main(value) -> list | None:
 def cleanup() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def under_torchrun() -> bool:

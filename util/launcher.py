@@ -13,8 +13,8 @@ import signal
 import sys
 from typing import NamedTuple
 
-import torch.distributed as dist
 
+from util.compat import processes_could_not_meet
 from util.dist import LAUNCHER_PID_VARIABLE
 
 
@@ -126,7 +126,9 @@ def launch(nproc: int, command: list[str]) -> int:
         message, status = _root_cause(failed.failures)
         print(message, file=sys.stderr)
         return status
-    except (dist.DistError, RendezvousError) as failed:
+    except (RuntimeError, RendezvousError) as failed:
+        if not isinstance(failed, RendezvousError) and not processes_could_not_meet(failed):
+            raise
         # The nodes never met (a port in use, a master that does not answer): no worker ran.
         reason = str(failed).strip().splitlines()[0] if str(failed).strip() else type(failed).__name__
         print(f"error: the processes could not meet at {rendezvous.endpoint or 'this node'} ({reason})",
