@@ -1,19 +1,15 @@
-"""Runs survive faults: SIGKILL at any moment (of one process or of torchrun's two), SIGTERM, non-finite losses and
-models, a full disk, resuming a changed experiment."""
+"""Runs survive faults: SIGKILL between a step and its checkpoint or inside a checkpoint write (of one process or
+of torchrun's two), SIGTERM, non-finite losses and models, a full disk, resuming a changed experiment."""
 import errno
 import glob
 import os
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 import scalematch
-from conftest import REPO, command_env, train, train_command
-
-EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "iters_per_epoch=3", "image_log_interval=0"]
+from conftest import EXACT, REPO, fault_command, run, train
 
 
 def checkpoint_iteration(path):
@@ -27,35 +23,22 @@ def child_pids(pid):
     return [int(child) for task in glob.glob(f"/proc/{pid}/task/*/children") for child in open(task).read().split()]
 
 
-def run_until_killed(command, latest, past_iteration):
-    """Start training and SIGKILL it as soon as latest.pth is past ``past_iteration``: its process group and, under
-    torchrun, the workers, which run in sessions of their own."""
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while checkpoint_iteration(latest) <= past_iteration:
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    for pid in child_pids(process.pid):
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path, reference_run):
+    """SIGKILL between a step and its checkpoint, then half-way through a checkpoint write: the rerun resumes from
+    the checkpoint before each, removes the torn temporary, and ends bit-identical to the uninterrupted run."""
+    run_dir = tmp_path / "pascal" / "tiny" / "killed"
+    latest = run_dir / "latest.pth"
+    overrides = [*EXACT, "iters_per_epoch=3", "run_name=killed"]
+    killed = run(fault_command(tiny_voc, tmp_path, 0, ("SIGKILL", "step:2", "self"), *overrides), check=False)
+    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
+    killed = run(fault_command(tiny_voc, tmp_path, 0, ("SIGKILL", "save:1", "self"), *overrides), check=False)
+    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
+    assert len(glob.glob(str(run_dir / ".latest.pth.*.tmp"))) == 1
+    resumed = train(tiny_voc, tmp_path, 0, *overrides)
+    assert f"resumed from {latest}" in resumed.stdout + resumed.stderr
+    assert not glob.glob(str(run_dir / ".*.tmp"))
 
-
-def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path):
-    train(tiny_voc, tmp_path, 0, *EXACT, "run_name=straight")
-    latest = os.path.join(tmp_path, "pascal", "tiny", "killed", "latest.pth")
-    command = train_command(tiny_voc, tmp_path, 0, *EXACT, "run_name=killed")
-    run_until_killed(command, latest, past_iteration=0)
-    first_kill = checkpoint_iteration(latest)
-    run_until_killed(command, latest, past_iteration=first_kill + 1)
-    assert checkpoint_iteration(latest) < 6
-    resumed = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout + resumed.stderr
-
-    straight = torch.load(os.path.join(tmp_path, "pascal", "tiny", "straight", "latest.pth"), weights_only=True)
+    straight = reference_run
     killed = torch.load(latest, weights_only=True)
     assert killed["iteration"] == straight["iteration"] == 6
     assert straight["model"].keys() == killed["model"].keys()
@@ -78,20 +61,18 @@ def differing_tensors(a, b):
     return [name for name, x, y in pairs if not torch.equal(x, y)]
 
 
-def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_path):
+def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_path, two_process_reference_run):
     """Each rank restores its own random states and (on CPU, where BatchNorm is per process) statistics: before, rank
-    1 took rank 0's, and 191 of 227 model tensors ended different."""
-    exact = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0"]
-    train(tiny_voc, tmp_path, 2, *exact, "run_name=straight")
-    latest = os.path.join(tmp_path, "pascal", "tiny", "killed", "latest.pth")
-    command = train_command(tiny_voc, tmp_path, 2, *exact, "run_name=killed")
-    run_until_killed(command, latest, past_iteration=0)
-    assert 1 <= checkpoint_iteration(latest) < 4
-    resumed = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+    1 took rank 0's, and 191 of 227 model tensors ended different. Killed here: the launcher and both workers,
+    after rank 0's second step."""
+    latest = tmp_path / "pascal" / "tiny" / "killed" / "latest.pth"
+    killed = run(fault_command(tiny_voc, tmp_path, 2, ("SIGKILL", "step:2", "everything"), *EXACT,
+                               "run_name=killed"), check=False)
+    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
+    resumed = train(tiny_voc, tmp_path, 2, *EXACT, "run_name=killed")
+    assert f"resumed from {latest}" in resumed.stdout
 
-    straight = torch.load(os.path.join(tmp_path, "pascal", "tiny", "straight", "latest.pth"), weights_only=True)
+    straight = two_process_reference_run
     killed = torch.load(latest, weights_only=True)
     assert killed["iteration"] == straight["iteration"] == 4
     assert len(straight["processes"]) == 2
@@ -101,20 +82,15 @@ def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_pa
 
 
 def test_sigterm_writes_a_checkpoint_before_exiting(tiny_voc, tmp_path):
-    latest = os.path.join(tmp_path, "pascal", "tiny", "preempted", "latest.pth")
-    command = train_command(tiny_voc, tmp_path, 0, "epochs=50", "checkpoint_interval=0", "run_name=preempted")
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while checkpoint_iteration(latest) < 2:  # the first epoch ended: training is under way
-        assert process.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143
-    assert "SIGTERM: checkpoint written at iteration" in stderr
-    written = int(stderr.split("iteration ")[1].split(";")[0])
-    assert checkpoint_iteration(latest) == written > 2
+    """SIGTERM after step 3 (the first of epoch 1): step 4 ends the epoch's training, its checkpoint is written,
+    and the run exits before evaluating."""
+    latest = tmp_path / "pascal" / "tiny" / "preempted" / "latest.pth"
+    result = run(fault_command(tiny_voc, tmp_path, 0, ("SIGTERM", "step:3", "self"), "epochs=50",
+                               "checkpoint_interval=0", "run_name=preempted"), check=False)
+    assert result.returncode == 143
+    assert result.stderr.strip().splitlines()[-1] == ("SIGTERM: checkpoint written at iteration 4; rerun the same "
+                                                      "command to resume")
+    assert checkpoint_iteration(latest) == 4
 
 
 def run_in_process(tiny_voc, exp_dir, *overrides):
