@@ -71,6 +71,9 @@ def arm(signal_name: str, moment: str, target: str) -> None:
         for pid in receivers(target):
             os.kill(pid, signum)
 
+    if signum == signal.SIGINT:
+        # As in a terminal's foreground process; a test suite run in the background starts with SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return
     if kind == "step":
