@@ -175,10 +175,10 @@ def test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks(v
 
 def test_supervised_only_trains_under_torchrun_without_a_cif(tiny_voc, tmp_path):
     """Before: the CIF was built but unused, and DDP refused the second iteration."""
-    result = train(tiny_voc, tmp_path, 2, "epochs=2", "train_mode=supervised", "run_name=supervised")
+    train(tiny_voc, tmp_path, 2, "epochs=2", "train_mode=supervised", "run_name=supervised")
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "supervised")
     state = torch.load(os.path.join(run_dir, "latest.pth"), weights_only=True)
-    assert state["iteration"] == 4 and result.returncode == 0
+    assert state["iteration"] == 4
     assert not any(name.startswith("cif.") for name in state["model"])
     assert state["config"]["cif"] is False and state["config"]["fusion"] == "none"
     assert "cif: false, since with train_mode supervised nothing would train it" in open(
