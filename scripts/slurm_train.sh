@@ -14,7 +14,8 @@ if [ $# -lt 3 ]; then
 fi
 : "${SLURM_JOB_NODELIST:?run this under sbatch or srun (SLURM_JOB_NODELIST is not set)}"
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads the whole list: head would stop reading, and pipefail turn scontrol's SIGPIPE into exit 141.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-29500}
 export NNODES=${SLURM_JOB_NUM_NODES:-1}
