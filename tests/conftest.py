@@ -89,6 +89,17 @@ def train(tiny_voc, exp_dir, ngpus, *overrides, check=True):
     return run(train_command(tiny_voc, exp_dir, ngpus, *overrides), check=check)
 
 
+def train_in_process(tiny_voc, exp_dir, *overrides) -> int:
+    """The exit code of train_command's run on one CPU process (NGPUS=0), run in this process: no interpreter and
+    torch start. Its one-line errors go to this process's stderr (capsys)."""
+    import scalematch
+
+    data_root, splits_dir = tiny_voc
+    return scalematch.exit_code(["--config", os.path.join(REPO, "configs", "pascal.yaml"), "--cpu", "split=tiny", *TINY,
+                                 f"data_root={data_root}", f"splits_dir={splits_dir}", f"exp_dir={exp_dir}",
+                                 *overrides])
+
+
 def fault_command(tiny_voc, exp_dir, nproc, fault, *overrides):
     """train_command's run with ``fault`` (SIGNAL, MOMENT, TARGET) sent from inside it by tests/fault_runner.py, on
     one process (nproc 0: CPU, as NGPUS=0) or under torchrun."""

@@ -14,7 +14,7 @@ import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
 import scalematch
-from conftest import REPO, command_env, fault_command, run, train, train_command, write_tiny_voc
+from conftest import REPO, command_env, fault_command, run, train, train_command, train_in_process, write_tiny_voc
 from test_fault_tolerance import checkpoint_iteration
 from util.logging import setup_logger
 
@@ -194,11 +194,10 @@ def test_without_a_rescaled_view_the_cif_is_left_out():
 
 
 @pytest.mark.parametrize("overrides", [["train_mode=supervised"], ["strong_views=1"]])
-def test_a_batch_of_one_image_per_pass_is_refused_at_start_up(tiny_voc, tmp_path, overrides):
+def test_a_batch_of_one_image_per_pass_is_refused_at_start_up(tiny_voc, tmp_path, overrides, capsys):
     """Before: a raw BatchNorm ValueError at the first step (ASPP's image pooling sees one value per channel)."""
-    result = train(tiny_voc, tmp_path, 0, "batch_size=1", *overrides, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert train_in_process(tiny_voc, tmp_path, "batch_size=1", *overrides) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: batch_size 1 on one process: a training pass would hold one image, and BatchNorm (ASPP's image "
         "pooling) needs two; set batch_size=2 (as many images per BatchNorm as the release's 1 x 2 GPUs) or train "
         "on 2 or more GPUs"]
@@ -207,8 +206,8 @@ def test_a_batch_of_one_image_per_pass_is_refused_at_start_up(tiny_voc, tmp_path
 
 def test_a_batch_of_one_trains_where_every_pass_holds_two_images(tiny_voc, tmp_path):
     """Two strong views make the strong pass two images, and labeled plus unlabeled make the main pass two."""
-    train(tiny_voc, tmp_path, 0, "batch_size=1", "strong_views=2", "epochs=1", "iters_per_epoch=1",
-          "run_name=one_image")
+    assert train_in_process(tiny_voc, tmp_path, "batch_size=1", "strong_views=2", "epochs=1", "iters_per_epoch=1",
+                            "run_name=one_image") == 0
     state = torch.load(os.path.join(tmp_path, "pascal", "tiny", "one_image", "latest.pth"), weights_only=True)
     assert state["iteration"] == 1
 
@@ -268,28 +267,26 @@ def test_a_full_disk_under_the_tensorboard_events_is_one_warning_and_the_run_goe
                                        "left on device); the run goes on without them\n")
 
 
-def test_a_start_up_failure_leaves_no_run_directory_but_keeps_a_run_that_had_started(tiny_voc, tmp_path):
+def test_a_start_up_failure_leaves_no_run_directory_but_keeps_a_run_that_had_started(tiny_voc, tmp_path, capsys):
     """Before: a run that could not start (here: a split file naming nothing) left exp/.../NAME with run.lock and
     train.log, to be mistaken for a run."""
     data_root, splits_dir = tiny_voc
     exp_dir = tmp_path / "exp"
     exp_dir.mkdir()
-    failed = train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=broken", f"data_root={tmp_path / 'nowhere'}",
-                   check=False)
-    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=broken", f"data_root={tmp_path / 'nowhere'}") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
     assert os.listdir(exp_dir) == []
-    train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=kept")
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=kept") == 0
     run_dir = exp_dir / "pascal" / "tiny" / "kept"
     # The same run, now unable to start, keeps its checkpoints, log and directory.
-    train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=kept", f"data_root={tmp_path / 'nowhere'}", check=False)
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=kept", f"data_root={tmp_path / 'nowhere'}") == 2
     assert {"latest.pth", "best.pth", "train.log", "config.yaml"} <= set(os.listdir(run_dir))
 
 
-def test_an_exp_dir_naming_a_file_is_one_line(tiny_voc, tmp_path):
+def test_an_exp_dir_naming_a_file_is_one_line(tiny_voc, tmp_path, capsys):
     """Before: a NotADirectoryError traceback."""
     exp_file = tmp_path / "exp"
     exp_file.write_text("not a folder")
-    result = train(tiny_voc, exp_file, 0, "epochs=1", "run_name=x", check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert train_in_process(tiny_voc, exp_file, "epochs=1", "run_name=x") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {exp_file}/pascal: cannot create the run directory or its lock (Not a directory)"]
