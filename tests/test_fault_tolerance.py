@@ -3,6 +3,7 @@ of torchrun's two), SIGTERM, non-finite losses and models, a full disk, resuming
 import errno
 import glob
 import os
+import shutil
 import signal
 
 import pytest
@@ -132,8 +133,17 @@ def test_nonfinite_loss_can_be_skipped_and_counted(tiny_voc, tmp_path, monkeypat
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
-def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc, tmp_path, capsys):
-    assert train_in_process(tiny_voc, tmp_path, "epochs=1", "run_name=base") == 0
+@pytest.fixture(scope="module")
+def one_epoch_base_run(tiny_voc, tmp_path_factory):
+    """exp_dir of a finished 1-epoch run named base, as scripts/train.sh trains it; tests resume copies of it."""
+    exp_dir = tmp_path_factory.mktemp("base_run")
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=base") == 0
+    return exp_dir
+
+
+def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc, tmp_path, capsys,
+                                                                        one_epoch_base_run):
+    shutil.copytree(one_epoch_base_run, tmp_path, dirs_exist_ok=True)
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "base")
     config_before = open(os.path.join(run_dir, "config.yaml")).read()
     # Before: another optimizer was a KeyError traceback, another rate or method switch a warning.
@@ -149,15 +159,16 @@ def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc
             "another run_name (or undo the change)")
     assert open(os.path.join(run_dir, "config.yaml")).read() == config_before
     assert train_in_process(tiny_voc, tmp_path, "epochs=2", "run_name=base", "log_interval=5") == 0
-    assert "changed settings: epochs 1 -> 2, log_interval 1 -> 5" in capsys.readouterr().out
+    assert (f"changed settings: epochs 1 -> 2, exp_dir '{one_epoch_base_run}' -> '{tmp_path}', log_interval 1 -> 5"
+            in capsys.readouterr().out)
 
 
-def test_resume_on_another_number_of_processes_is_refused(tiny_voc, tmp_path):
-    assert train_in_process(tiny_voc, tmp_path, "epochs=1", "run_name=one") == 0
-    refused = train(tiny_voc, tmp_path, 2, "epochs=2", "run_name=one", check=False)
+def test_resume_on_another_number_of_processes_is_refused(tiny_voc, tmp_path, one_epoch_base_run):
+    shutil.copytree(one_epoch_base_run, tmp_path, dirs_exist_ok=True)
+    refused = train(tiny_voc, tmp_path, 2, "epochs=2", "run_name=base", check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
-        f"error: {tmp_path}/pascal/tiny/one/latest.pth: refusing to resume: it was trained by 1 process(es), now 2; "
+        f"error: {tmp_path}/pascal/tiny/base/latest.pth: refusing to resume: it was trained by 1 process(es), now 2; "
         "rerun it with NGPUS 1 (the batch is per process)"]
 
 
@@ -248,9 +259,17 @@ def test_a_kill_between_the_best_and_latest_writes_loses_no_best(tiny_voc, tmp_p
     assert log.rstrip().endswith(f"done: best mIoU {final_best['miou']:.2f}, checkpoints in {run_dir}")
 
 
-def test_best_miou_comes_from_the_best_checkpoint_that_exists(tiny_voc, tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_voc, tmp_path_factory):
+    """exp_dir of a finished train_args run (1 epoch of 2 iterations); tests resume copies of it."""
+    exp_dir = tmp_path_factory.mktemp("one_epoch")
+    scalematch.main(train_args(tiny_voc, exp_dir))
+    return exp_dir
+
+
+def test_best_miou_comes_from_the_best_checkpoint_that_exists(tiny_voc, tmp_path, one_epoch_run):
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "nan")
-    scalematch.main(train_args(tiny_voc, tmp_path))
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
     os.remove(os.path.join(run_dir, "best.pth"))
     scalematch.main(train_args(tiny_voc, tmp_path, "epochs=2"))
     log = open(os.path.join(run_dir, "train.log")).read()
@@ -279,8 +298,8 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_checkpoint(tiny_voc, tmp_pa
         "best.pth", "latest.pth"]
 
 
-def test_a_read_only_run_directory_stops_in_one_line(tiny_voc, tmp_path, monkeypatch, capsys):
-    scalematch.main(train_args(tiny_voc, tmp_path))
+def test_a_read_only_run_directory_stops_in_one_line(tiny_voc, tmp_path, monkeypatch, capsys, one_epoch_run):
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "nan")
     before = open(os.path.join(run_dir, "latest.pth"), "rb").read()
     real_open = os.open
