@@ -20,10 +20,6 @@ def checkpoint_iteration(path):
         return -1
 
 
-def child_pids(pid):
-    return [int(child) for task in glob.glob(f"/proc/{pid}/task/*/children") for child in open(task).read().split()]
-
-
 def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path, reference_run):
     """SIGKILL between a step and its checkpoint, then half-way through a checkpoint write: the rerun resumes from
     the checkpoint before each, removes the torn temporary, and ends bit-identical to the uninterrupted run."""
