@@ -87,3 +87,44 @@ def train_command(tiny_voc, exp_dir, ngpus, *overrides):
 
 def train(tiny_voc, exp_dir, ngpus, *overrides, check=True):
     return run(train_command(tiny_voc, exp_dir, ngpus, *overrides), check=check)
+
+
+def train_in_process(tiny_voc, exp_dir, *overrides) -> int:
+    """The exit code of train_command's run on one CPU process (NGPUS=0), run in this process: no interpreter and
+    torch start. Its one-line errors go to this process's stderr (capsys)."""
+    import scalematch
+
+    data_root, splits_dir = tiny_voc
+    return scalematch.cli(["--config", os.path.join(REPO, "configs", "pascal.yaml"), "--cpu", "split=tiny", *TINY,
+                                 f"data_root={data_root}", f"splits_dir={splits_dir}", f"exp_dir={exp_dir}",
+                                 *overrides])
+
+
+def fault_command(tiny_voc, exp_dir, nproc, fault, *overrides):
+    """train_command's run with ``fault`` (SIGNAL, MOMENT, TARGET) sent from inside it by tests/fault_runner.py, on
+    one process (nproc 0: CPU, as NGPUS=0) or under torchrun."""
+    data_root, splits_dir = tiny_voc
+    launcher = [sys.executable] if nproc <= 1 else [sys.executable, "-m", "util.launcher", str(nproc)]
+    return [*launcher, "tests/fault_runner.py", *fault, "--", "--config", "configs/pascal.yaml",
+            *(["--cpu"] if nproc == 0 else []), "split=tiny", *TINY, f"data_root={data_root}",
+            f"splits_dir={splits_dir}", f"exp_dir={exp_dir}", *overrides]
+
+
+# Deterministic runs that checkpoint every iteration: a killed and resumed one must end bit-identical to one of these.
+EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_voc, tmp_path_factory):
+    """latest.pth of an uninterrupted EXACT run on one process: 3 iterations x 2 epochs."""
+    exp_dir = tmp_path_factory.mktemp("reference")
+    train(tiny_voc, exp_dir, 0, *EXACT, "iters_per_epoch=3", "run_name=straight")
+    return torch.load(exp_dir / "pascal" / "tiny" / "straight" / "latest.pth", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def two_process_reference_run(tiny_voc, tmp_path_factory):
+    """latest.pth of an uninterrupted EXACT run on two torchrun processes: 2 iterations x 2 epochs."""
+    exp_dir = tmp_path_factory.mktemp("two_process_reference")
+    train(tiny_voc, exp_dir, 2, *EXACT, "run_name=straight")
+    return torch.load(exp_dir / "pascal" / "tiny" / "straight" / "latest.pth", weights_only=True)

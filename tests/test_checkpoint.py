@@ -122,6 +122,28 @@ def test_interrupt_during_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+class CtrlCDuringWrite(io.FileIO):
+    """A file whose third write is where a Ctrl-C lands."""
+
+    def write(self, data):
+        self.writes = getattr(self, "writes", 0) + 1
+        if self.writes == 3:
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+def test_ctrl_c_inside_torch_save_is_a_ctrl_c(tmp_path, monkeypatch):
+    """torch.save's zip writer, closed while the KeyboardInterrupt unwinds, raises a RuntimeError ('unexpected pos')
+    of its own: before, that RuntimeError reached the trainer, which ended in a traceback instead of exit 130 (the
+    Ctrl-C test failed so when the signal landed in a checkpoint save)."""
+    save_checkpoint({"epoch": 1}, tmp_path / "latest.pth")
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: CtrlCDuringWrite(path, "wb"), raising=False)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        save_checkpoint({"weight": torch.zeros(10_000)}, tmp_path / "latest.pth")
+    assert caught.value.__suppress_context__
+    assert os.listdir(tmp_path) == ["latest.pth"] and load_checkpoint(tmp_path / "latest.pth") == {"epoch": 1}
+
+
 def test_save_replaces_an_existing_checkpoint(tmp_path):
     save_checkpoint({"epoch": 1}, tmp_path / "latest.pth")
     save_checkpoint({"epoch": 2}, tmp_path / "latest.pth")

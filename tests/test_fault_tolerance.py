@@ -1,19 +1,16 @@
-"""Runs survive faults: SIGKILL at any moment (of one process or of torchrun's two), SIGTERM, non-finite losses and
-models, a full disk, resuming a changed experiment."""
+"""Runs survive faults: SIGKILL between a step and its checkpoint or inside a checkpoint write (of one process or
+of torchrun's two), SIGTERM, non-finite losses and models, a full disk, resuming a changed experiment."""
 import errno
 import glob
 import os
+import shutil
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 import scalematch
-from conftest import REPO, command_env, train, train_command
-
-EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "iters_per_epoch=3", "image_log_interval=0"]
+from conftest import EXACT, REPO, fault_command, run, train, train_in_process
 
 
 def checkpoint_iteration(path):
@@ -23,39 +20,22 @@ def checkpoint_iteration(path):
         return -1
 
 
-def child_pids(pid):
-    return [int(child) for task in glob.glob(f"/proc/{pid}/task/*/children") for child in open(task).read().split()]
+def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path, reference_run):
+    """SIGKILL between a step and its checkpoint, then half-way through a checkpoint write: the rerun resumes from
+    the checkpoint before each, removes the torn temporary, and ends bit-identical to the uninterrupted run."""
+    run_dir = tmp_path / "pascal" / "tiny" / "killed"
+    latest = run_dir / "latest.pth"
+    overrides = [*EXACT, "iters_per_epoch=3", "run_name=killed"]
+    killed = run(fault_command(tiny_voc, tmp_path, 0, ("SIGKILL", "step:2", "self"), *overrides), check=False)
+    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
+    killed = run(fault_command(tiny_voc, tmp_path, 0, ("SIGKILL", "save:1", "self"), *overrides), check=False)
+    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
+    assert len(glob.glob(str(run_dir / ".latest.pth.*.tmp"))) == 1
+    resumed = train(tiny_voc, tmp_path, 0, *overrides)
+    assert f"resumed from {latest}" in resumed.stdout + resumed.stderr
+    assert not glob.glob(str(run_dir / ".*.tmp"))
 
-
-def run_until_killed(command, latest, past_iteration):
-    """Start training and SIGKILL it as soon as latest.pth is past ``past_iteration``: its process group and, under
-    torchrun, the workers, which run in sessions of their own."""
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while checkpoint_iteration(latest) <= past_iteration:
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    for pid in child_pids(process.pid):
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path):
-    train(tiny_voc, tmp_path, 0, *EXACT, "run_name=straight")
-    latest = os.path.join(tmp_path, "pascal", "tiny", "killed", "latest.pth")
-    command = train_command(tiny_voc, tmp_path, 0, *EXACT, "run_name=killed")
-    run_until_killed(command, latest, past_iteration=0)
-    first_kill = checkpoint_iteration(latest)
-    run_until_killed(command, latest, past_iteration=first_kill + 1)
-    assert checkpoint_iteration(latest) < 6
-    resumed = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout + resumed.stderr
-
-    straight = torch.load(os.path.join(tmp_path, "pascal", "tiny", "straight", "latest.pth"), weights_only=True)
+    straight = reference_run
     killed = torch.load(latest, weights_only=True)
     assert killed["iteration"] == straight["iteration"] == 6
     assert straight["model"].keys() == killed["model"].keys()
@@ -78,20 +58,18 @@ def differing_tensors(a, b):
     return [name for name, x, y in pairs if not torch.equal(x, y)]
 
 
-def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_path):
+def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_path, two_process_reference_run):
     """Each rank restores its own random states and (on CPU, where BatchNorm is per process) statistics: before, rank
-    1 took rank 0's, and 191 of 227 model tensors ended different."""
-    exact = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0"]
-    train(tiny_voc, tmp_path, 2, *exact, "run_name=straight")
-    latest = os.path.join(tmp_path, "pascal", "tiny", "killed", "latest.pth")
-    command = train_command(tiny_voc, tmp_path, 2, *exact, "run_name=killed")
-    run_until_killed(command, latest, past_iteration=0)
-    assert 1 <= checkpoint_iteration(latest) < 4
-    resumed = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+    1 took rank 0's, and 191 of 227 model tensors ended different. Killed here: the launcher and both workers,
+    after rank 0's second step."""
+    latest = tmp_path / "pascal" / "tiny" / "killed" / "latest.pth"
+    killed = run(fault_command(tiny_voc, tmp_path, 2, ("SIGKILL", "step:2", "everything"), *EXACT,
+                               "run_name=killed"), check=False)
+    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
+    resumed = train(tiny_voc, tmp_path, 2, *EXACT, "run_name=killed")
+    assert f"resumed from {latest}" in resumed.stdout
 
-    straight = torch.load(os.path.join(tmp_path, "pascal", "tiny", "straight", "latest.pth"), weights_only=True)
+    straight = two_process_reference_run
     killed = torch.load(latest, weights_only=True)
     assert killed["iteration"] == straight["iteration"] == 4
     assert len(straight["processes"]) == 2
@@ -101,20 +79,15 @@ def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_pa
 
 
 def test_sigterm_writes_a_checkpoint_before_exiting(tiny_voc, tmp_path):
-    latest = os.path.join(tmp_path, "pascal", "tiny", "preempted", "latest.pth")
-    command = train_command(tiny_voc, tmp_path, 0, "epochs=50", "checkpoint_interval=0", "run_name=preempted")
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while checkpoint_iteration(latest) < 2:  # the first epoch ended: training is under way
-        assert process.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143
-    assert "SIGTERM: checkpoint written at iteration" in stderr
-    written = int(stderr.split("iteration ")[1].split(";")[0])
-    assert checkpoint_iteration(latest) == written > 2
+    """SIGTERM after step 3 (the first of epoch 1): step 4 ends the epoch's training, its checkpoint is written,
+    and the run exits before evaluating."""
+    latest = tmp_path / "pascal" / "tiny" / "preempted" / "latest.pth"
+    result = run(fault_command(tiny_voc, tmp_path, 0, ("SIGTERM", "step:3", "self"), "epochs=50",
+                               "checkpoint_interval=0", "run_name=preempted"), check=False)
+    assert result.returncode == 143
+    assert result.stderr.strip().splitlines()[-1] == ("SIGTERM: checkpoint written at iteration 4; rerun the same "
+                                                      "command to resume")
+    assert checkpoint_iteration(latest) == 4
 
 
 def run_in_process(tiny_voc, exp_dir, *overrides):
@@ -156,8 +129,17 @@ def test_nonfinite_loss_can_be_skipped_and_counted(tiny_voc, tmp_path, monkeypat
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
-def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc, tmp_path):
-    train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=base")
+@pytest.fixture(scope="module")
+def one_epoch_base_run(tiny_voc, tmp_path_factory):
+    """exp_dir of a finished 1-epoch run named base, as scripts/train.sh trains it; tests resume copies of it."""
+    exp_dir = tmp_path_factory.mktemp("base_run")
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=base") == 0
+    return exp_dir
+
+
+def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc, tmp_path, capsys,
+                                                                        one_epoch_base_run):
+    shutil.copytree(one_epoch_base_run, tmp_path, dirs_exist_ok=True)
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "base")
     config_before = open(os.path.join(run_dir, "config.yaml")).read()
     # Before: another optimizer was a KeyError traceback, another rate or method switch a warning.
@@ -166,23 +148,23 @@ def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc
             (["optimizer=adamw"], "'optimizer' was 'sgd', now 'adamw'"),
             (["lr=0.002", "isvc=false", "loss_weights.strong=0.5"],
              "'lr' was 0.001, now 0.002, 'isvc' was True, now False, 'loss_weights.strong' was 0.25, now 0.5")]:
-        refused = train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=base", *overrides, check=False)
-        assert refused.returncode == 2
-        assert refused.stderr.strip().splitlines()[-1] == (
+        capsys.readouterr()
+        assert train_in_process(tiny_voc, tmp_path, "epochs=1", "run_name=base", *overrides) == 2
+        assert last_line(capsys.readouterr().err) == (
             f"error: {run_dir}/latest.pth: refusing to resume: {refusal}; that is another experiment, so give it "
             "another run_name (or undo the change)")
-        assert "Traceback" not in refused.stderr
     assert open(os.path.join(run_dir, "config.yaml")).read() == config_before
-    accepted = train(tiny_voc, tmp_path, 0, "epochs=2", "run_name=base", "log_interval=5")
-    assert "changed settings: epochs 1 -> 2, log_interval 1 -> 5" in accepted.stdout + accepted.stderr
+    assert train_in_process(tiny_voc, tmp_path, "epochs=2", "run_name=base", "log_interval=5") == 0
+    assert (f"changed settings: epochs 1 -> 2, exp_dir '{one_epoch_base_run}' -> '{tmp_path}', log_interval 1 -> 5"
+            in capsys.readouterr().out)
 
 
-def test_resume_on_another_number_of_processes_is_refused(tiny_voc, tmp_path):
-    train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=one")
-    refused = train(tiny_voc, tmp_path, 2, "epochs=2", "run_name=one", check=False)
+def test_resume_on_another_number_of_processes_is_refused(tiny_voc, tmp_path, one_epoch_base_run):
+    shutil.copytree(one_epoch_base_run, tmp_path, dirs_exist_ok=True)
+    refused = train(tiny_voc, tmp_path, 2, "epochs=2", "run_name=base", check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
-        f"error: {tmp_path}/pascal/tiny/one/latest.pth: refusing to resume: it was trained by 1 process(es), now 2; "
+        f"error: {tmp_path}/pascal/tiny/base/latest.pth: refusing to resume: it was trained by 1 process(es), now 2; "
         "rerun it with NGPUS 1 (the batch is per process)"]
 
 
@@ -273,9 +255,17 @@ def test_a_kill_between_the_best_and_latest_writes_loses_no_best(tiny_voc, tmp_p
     assert log.rstrip().endswith(f"done: best mIoU {final_best['miou']:.2f}, checkpoints in {run_dir}")
 
 
-def test_best_miou_comes_from_the_best_checkpoint_that_exists(tiny_voc, tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_voc, tmp_path_factory):
+    """exp_dir of a finished train_args run (1 epoch of 2 iterations); tests resume copies of it."""
+    exp_dir = tmp_path_factory.mktemp("one_epoch")
+    scalematch.main(train_args(tiny_voc, exp_dir))
+    return exp_dir
+
+
+def test_best_miou_comes_from_the_best_checkpoint_that_exists(tiny_voc, tmp_path, one_epoch_run):
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "nan")
-    scalematch.main(train_args(tiny_voc, tmp_path))
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
     os.remove(os.path.join(run_dir, "best.pth"))
     scalematch.main(train_args(tiny_voc, tmp_path, "epochs=2"))
     log = open(os.path.join(run_dir, "train.log")).read()
@@ -304,8 +294,8 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_checkpoint(tiny_voc, tmp_pa
         "best.pth", "latest.pth"]
 
 
-def test_a_read_only_run_directory_stops_in_one_line(tiny_voc, tmp_path, monkeypatch, capsys):
-    scalematch.main(train_args(tiny_voc, tmp_path))
+def test_a_read_only_run_directory_stops_in_one_line(tiny_voc, tmp_path, monkeypatch, capsys, one_epoch_run):
+    shutil.copytree(one_epoch_run, tmp_path, dirs_exist_ok=True)
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "nan")
     before = open(os.path.join(run_dir, "latest.pth"), "rb").read()
     real_open = os.open

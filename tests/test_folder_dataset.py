@@ -76,7 +76,9 @@ def test_make_splits_folder_names_what_is_missing(tmp_path):
     with pytest.raises(DatasetError, match=r"^1 val image\(s\) have no mask in .*masks/val: images/val/v1\.jpg$"):
         make_splits.folder_splits(tmp_path, seed=0)
     with pytest.raises(SystemExit, match=r"error: folder not found: .*pictures/train"):
-        make_splits.main(["folder", "--data-root", str(tmp_path), "--images", "pictures"])
+        make_splits.main(["folder", "--data-root", str(tmp_path), "--images", "pictures", "--out",
+                          str(tmp_path / "splits")])
+    assert not (tmp_path / "splits").exists()
 
 
 def test_folder_dataset_end_to_end(tmp_path):

@@ -93,7 +93,8 @@ def test_missing_folders_are_named(tmp_path):
     with pytest.raises(DatasetError, match=r"folder not found: .*nowhere.JPEGImages"):
         make_splits.pascal_splits(tmp_path / "nowhere", seed=0)
     with pytest.raises(SystemExit, match=r"error: folder not found: .*leftImg8bit.train"):
-        make_splits.main(["cityscapes", "--data-root", str(tmp_path)])
+        make_splits.main(["cityscapes", "--data-root", str(tmp_path), "--out", str(tmp_path / "splits")])
+    assert not (tmp_path / "splits").exists()
 
 
 def _fake_cityscapes(root: Path, subset: str, cities: dict[str, int]) -> None:

@@ -1,10 +1,10 @@
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed import TCPStore
 
 from util.metrics import MeanIoU, format_iou_table, intersection_and_union
 
@@ -115,7 +115,7 @@ def test_format_iou_table():
 
 def _reduce_worker(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True")
     from util import dist
 
     _, world_size, _, device = dist.init_distributed(force_cpu=True)
@@ -128,10 +128,10 @@ def _reduce_worker(rank, port, results):
 
 
 def test_all_reduce_sums_over_processes():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    # The store the workers meet at is served from here, on a port it holds from the start (as torchrun's agent
+    # serves its workers): a port found free, closed and then bound again by a worker could be taken meanwhile.
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_reduce_worker, args=(port, results), nprocs=2)
+    mp.spawn(_reduce_worker, args=(store.port, results), nprocs=2)
     assert sorted([results.get(), results.get()]) == [(0, 2, True, INTERSECTION, UNION),
                                                       (1, 2, False, INTERSECTION, UNION)]

@@ -6,20 +6,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import REPO, command_env, run, train, train_command
+from conftest import EXACT, REPO, command_env, fault_command, run, train, train_command
 from test_fault_tolerance import checkpoint_iteration, differing_tensors
 from util import dist
 from util.dist import collective_timeout
 from util.launcher import LaunchError, _root_cause, rendezvous_args
-
-EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0", "log_interval=1"]
 
 
 def test_collectives_wait_as_long_as_the_environment_says(monkeypatch):
@@ -84,46 +81,54 @@ def test_train_sh_refuses_a_node_without_its_master_in_one_line(tiny_voc, tmp_pa
 
 
 def free_port():
+    """A port of 127.0.0.1 free now; node 0's launcher binds it a moment later, so run_nodes tries another if it
+    was taken meanwhile."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def start_nodes(command, port):
-    """Each "node" is one train.sh launch of one process, as on two machines that share exp_dir."""
+def start_nodes(commands, port):
+    """Each "node" is one launch of one process, as on two machines that share exp_dir."""
     return [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**command_env(), "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
                                   "MASTER_PORT": str(port)})
-            for node in (0, 1)]
+            for node, command in enumerate(commands)]
 
 
-def finish(nodes):
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    return [node.returncode for node in nodes], outputs
+def run_nodes(commands, attempts=3):
+    """(exit codes, (stdout, stderr) of each) of two nodes run to their end, meeting at a free port: where node 0
+    finds it taken (EADDRINUSE, its one-line error), node 1 is stopped and both start again on another port."""
+    for _ in range(attempts):
+        nodes = start_nodes(commands, free_port())
+        first = nodes[0].communicate(timeout=600)
+        if nodes[0].returncode == 2 and "EADDRINUSE" in first[1]:
+            nodes[1].kill()
+            nodes[1].communicate()
+            continue
+        second = nodes[1].communicate(timeout=600)
+        return [node.returncode for node in nodes], [first, second]
+    raise AssertionError(f"{attempts} free ports were taken before node 0 could bind them")
 
 
-def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_two_processes(tiny_voc, tmp_path):
-    train(tiny_voc, tmp_path, 2, *EXACT, "run_name=one_node")
+def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_two_processes(
+        tiny_voc, tmp_path, two_process_reference_run):
     run_dir = tmp_path / "pascal" / "tiny" / "two_nodes"
     latest = run_dir / "latest.pth"
     command = train_command(tiny_voc, tmp_path, 1, *EXACT, "run_name=two_nodes")
 
-    # Pre-emption: SIGTERM reaches both nodes (as a scheduler sends it), rank 0 checkpoints, both exit 143.
-    nodes = start_nodes(command, free_port())
-    deadline = time.time() + 300
-    while checkpoint_iteration(latest) < 1:
-        assert all(node.poll() is None for node in nodes) and time.time() < deadline
-        time.sleep(0.05)
-    for node in nodes:
-        node.send_signal(signal.SIGTERM)
-    codes, outputs = finish(nodes)
+    # Pre-emption: SIGTERM reaches both nodes (as a scheduler sends it: launcher and worker) after their step 2, the
+    # end of epoch 0; rank 0 checkpoints, both exit 143.
+    preempted = [sys.executable, "-m", "util.launcher", "1",
+                 *fault_command(tiny_voc, tmp_path, 1, ("SIGTERM", "step:2", "everything"), *EXACT,
+                                "run_name=two_nodes")[1:]]
+    codes, outputs = run_nodes([preempted, preempted])
     assert codes == [143, 143], outputs
     assert "node 0 of 2: meeting at 127.0.0.1" in outputs[0][1] and "node 1 of 2" in outputs[1][1]
-    stopped_at = checkpoint_iteration(latest)
-    assert 1 <= stopped_at < 4
-    assert f"checkpoint written at iteration {stopped_at}" in outputs[0][1]
+    assert checkpoint_iteration(latest) == 2
+    assert "checkpoint written at iteration 2" in outputs[0][1]
 
-    codes, outputs = finish(start_nodes(command, free_port()))
+    codes, outputs = run_nodes([command, command])
     assert codes == [0, 0], outputs
     log = (run_dir / "train.log").read_text()
     assert "2 process(es) on cpu" in log and f"resumed from {latest}" in log
@@ -133,7 +138,7 @@ def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_tw
     assert kinds == {"best.pth", "latest.pth", "config.yaml", "train.log", "run.lock", "events"}
     assert len([name for name in os.listdir(run_dir) if name.startswith("events")]) == 2  # one per launch
 
-    one_node = torch.load(tmp_path / "pascal" / "tiny" / "one_node" / "latest.pth", weights_only=True)
+    one_node = two_process_reference_run
     two_nodes = torch.load(latest, weights_only=True)
     assert two_nodes["iteration"] == one_node["iteration"] == 4
     assert differing_tensors(one_node, two_nodes) == []
@@ -141,7 +146,7 @@ def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_tw
 
     # eval.py across the two nodes counts every validation image once: the table one process prints.
     evaluate = [sys.executable, "-m", "util.launcher", "1", "eval.py", "--checkpoint", str(latest), "--cpu"]
-    codes, outputs = finish(start_nodes(evaluate, free_port()))
+    codes, outputs = run_nodes([evaluate, evaluate])
     assert codes == [0, 0], outputs
     alone = run([sys.executable, "eval.py", "--checkpoint", str(latest), "--cpu"])
     table = alone.stdout[alone.stdout.index("class"):]
@@ -152,14 +157,8 @@ def test_a_node_that_cannot_see_the_run_directory_is_refused(tiny_voc, tmp_path)
     """exp_dir must be shared: here node 1's exp_dir is another folder, as on a node-local disk."""
     shared, local = tmp_path / "shared", tmp_path / "local"
     train(tiny_voc, shared, 2, "epochs=1", "run_name=split_brain")
-    port = free_port()
-    nodes = []
-    for node, exp_dir in ((0, shared), (1, local)):
-        command = train_command(tiny_voc, exp_dir, 1, "epochs=2", "run_name=split_brain")
-        nodes.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**command_env(), "NNODES": "2", "NODE_RANK": str(node),
-                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}))
-    codes, outputs = finish(nodes)
+    codes, outputs = run_nodes([train_command(tiny_voc, exp_dir, 1, "epochs=2", "run_name=split_brain")
+                                for exp_dir in (shared, local)])
     assert codes == [2, 2], outputs
     for exp_dir, (_, stderr) in zip((shared, local), outputs):
         assert stderr.strip().splitlines()[-1] == (
@@ -174,20 +173,24 @@ def test_the_slurm_script_starts_one_node_per_task(tiny_voc, tmp_path):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2 $3" = "show hostnames fake[0-1]" ] || exit 9\n'
                                       'printf "127.0.0.1\\nfake1\\n"\n')
+    # As srun --kill-on-bad-exit=1: a task that fails ends the others (node 1 would wait for a node 0 that is gone).
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
                                   'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do\n'
                                   '    SLURM_NODEID=$node "$@" & pids+=($!)\ndone\n'
-                                  'status=0; for pid in "${pids[@]}"; do wait "$pid" || status=$?; done\n'
-                                  'exit $status\n')
+                                  'status=0; for _ in "${pids[@]}"; do wait -n || { status=$?; kill "${pids[@]}" '
+                                  '2>/dev/null; }; done\nexit $status\n')
     for name in ("scontrol", "srun"):
         (bin_dir / name).chmod(0o755)
     # From another directory: sbatch runs a copy of the script, which finds the repository by SLURM_SUBMIT_DIR.
     arguments = train_command(tiny_voc, tmp_path, 1, "epochs=1", "iters_per_epoch=1", "run_name=slurm")[2:]
     command = ["bash", os.path.join(REPO, "scripts", "slurm_train.sh"), *arguments]
-    env = {**command_env(), "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": REPO,
-           "MASTER_PORT": str(free_port())}
+    env = {**command_env(), "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": REPO}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(3):  # another free port where the one found free was taken before node 0 bound it
+        result = subprocess.run(command, cwd=tmp_path, env={**env, "MASTER_PORT": str(free_port())},
+                                capture_output=True, text=True, timeout=600)
+        if "EADDRINUSE" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr
     assert "node 0 of 2: meeting at 127.0.0.1" in result.stderr and "node 1 of 2" in result.stderr
     state = torch.load(tmp_path / "pascal" / "tiny" / "slurm" / "latest.pth", weights_only=True)

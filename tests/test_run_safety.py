@@ -1,6 +1,7 @@
 """Runs that cannot mix and fail in one line: run names, the run lock, stale temporaries, torchrun's launcher
 (SIGTERM, SIGKILL, failures printed once), the supervised baseline under DDP and a batch of one image."""
 import errno
+import glob
 import logging
 import os
 import signal
@@ -12,8 +13,9 @@ import pytest
 import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
-from conftest import REPO, command_env, train, train_command, write_tiny_voc
-from test_fault_tolerance import checkpoint_iteration, child_pids
+import scalematch
+from conftest import REPO, command_env, fault_command, run, train, train_command, train_in_process, write_tiny_voc
+from test_fault_tolerance import checkpoint_iteration
 from util.config import ConfigError, check_batch_size, without_idle_cif
 from util.events import RunEvents
 from util.logging import setup_logger
@@ -48,100 +50,105 @@ def test_the_run_name_hashes_the_resolved_experiment_not_the_command():
     assert run_directory(config(run_name="mine"), []) == os.path.join("exp", "pascal", "1_16", "mine")
 
 
+def stopped(process):
+    """Wait until ``process`` has stopped itself (SIGSTOP from inside the run): it is then held at a known step."""
+    deadline = time.time() + 300
+    while open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+
+
 def test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over(tiny_voc, tmp_path):
     """Before, two launches of one command both trained, overwriting each other's checkpoints and train.log."""
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "locked")
-    latest = os.path.join(run_dir, "latest.pth")
     command = train_command(tiny_voc, tmp_path, 0, "epochs=50", "image_log_interval=0", "run_name=locked")
-    first = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(fault_command(tiny_voc, tmp_path, 0, ("SIGSTOP", "step:3", "self"), "epochs=50",
+                                           "image_log_interval=0", "run_name=locked"),
+                             cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while checkpoint_iteration(latest) < 1:
-            assert first.poll() is None and time.time() < deadline
-            time.sleep(0.05)
+        stopped(first)  # after step 3, holding the lock, latest.pth at iteration 2 (the end of epoch 0)
+        assert checkpoint_iteration(os.path.join(run_dir, "latest.pth")) == 2
         log_before = open(os.path.join(run_dir, "train.log")).read()
         second = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
         assert second.returncode == 2
         assert second.stderr.strip().splitlines() == [
             f"error: {run_dir} is in use by process {first.pid} on {socket.gethostname()} (see its run.lock): wait "
             "for that run to end, or give this one another run_name"]
-        assert open(os.path.join(run_dir, "train.log")).read().startswith(log_before)
+        assert open(os.path.join(run_dir, "train.log")).read() == log_before
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        first.kill()
         first.wait()
     # A save killed mid-write leaves its temporary behind; the next start removes it.
     stale = os.path.join(run_dir, f".latest.pth.{first.pid}.tmp")
     open(stale, "wb").write(b"x" * 1000)
-    rerun = train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=locked")
+    train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=locked")
     log = open(os.path.join(run_dir, "train.log")).read()
     owner = f"process {first.pid} on {socket.gethostname()}"
     assert f"took over {run_dir}/run.lock from {owner}, which no longer runs" in log
     assert f"removed .latest.pth.{first.pid}.tmp, left by a save that was killed" in log
-    assert not os.path.exists(stale) and rerun.returncode == 0
+    assert not os.path.exists(stale)
 
 
-def two_process_run(tiny_voc, exp_dir, *overrides):
-    command = train_command(tiny_voc, exp_dir, 2, "epochs=50", "checkpoint_interval=0", "image_log_interval=0",
-                            "run_name=ddp", *overrides)
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    latest = os.path.join(exp_dir, "pascal", "tiny", "ddp", "latest.pth")
-    deadline = time.time() + 300
-    while checkpoint_iteration(latest) < 2:  # the first epoch ended: training is under way
-        assert process.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    return process, latest
+def two_process_run(tiny_voc, exp_dir, fault, *overrides):
+    """A 2-process run (2 iterations an epoch) with ``fault`` sent by rank 0 from inside; (result, latest.pth)."""
+    result = run(fault_command(tiny_voc, exp_dir, 2, fault, "epochs=50", "checkpoint_interval=0",
+                               "image_log_interval=0", "run_name=ddp", *overrides), check=False)
+    return result, os.path.join(exp_dir, "pascal", "tiny", "ddp", "latest.pth")
+
+
+def running_with(marker):
+    """Process ids, zombies aside, whose command line holds ``marker``."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            state = open(stat).read().rsplit(")", 1)[1].split()[0]
+            command = open(stat.replace("stat", "cmdline"), "rb").read().decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if marker in command and state != "Z":
+            pids.append(int(stat.split("/")[2]))
+    return pids
 
 
 @pytest.mark.parametrize("receivers", ["launcher", "workers"])
 def test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line(tiny_voc, tmp_path, receivers):
     """Before: exit 1 and a SignalException traceback. The agent signals each worker's process group, data loader
     workers included: they must leave the stop to their process (before, they died and failed its step). A
-    scheduler may signal the workers themselves instead of the launcher."""
-    process, latest = two_process_run(tiny_voc, tmp_path, "workers=1")
-    for pid in [process.pid] if receivers == "launcher" else child_pids(process.pid):
-        os.kill(pid, signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143
-    assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("SIGTERM: checkpoint written at iteration ") and stderr.count("checkpoint written") == 1
-    assert checkpoint_iteration(latest) == int(last.split("iteration ")[1].split(";")[0]) > 2
+    scheduler may signal the workers themselves instead of the launcher. Sent after step 3, the first of epoch 1:
+    the workers, signalled at once, stop after step 4; the launcher passes it on when its monitor next looks."""
+    result, latest = two_process_run(tiny_voc, tmp_path, ("SIGTERM", "step:3", receivers), "workers=1")
+    assert result.returncode == 143
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("SIGTERM: checkpoint written at iteration ")
+    assert result.stderr.count("checkpoint written") == 1
+    written = int(last.split("iteration ")[1].split(";")[0])
+    assert checkpoint_iteration(latest) == written
+    assert written == 4 if receivers == "workers" else written >= 4
 
 
 def test_a_killed_torchrun_launcher_leaves_no_worker_training(tiny_voc, tmp_path):
     """torchrun starts its workers in sessions of their own: before, a SIGKILL of the launcher left them training
     and writing. Now they notice, checkpoint and stop."""
-    process, latest = two_process_run(tiny_voc, tmp_path)
-    workers = child_pids(process.pid)
-    assert len(workers) == 2
-    process.kill()
-    _, stderr = process.communicate(timeout=120)  # the workers hold the pipes until they end
-    for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    last = stderr.strip().splitlines()[-1]
+    result, latest = two_process_run(tiny_voc, tmp_path, ("SIGKILL", "step:3", "launcher"))
+    assert result.returncode == -signal.SIGKILL  # run() returns once the workers, which hold its pipes, have ended
+    assert running_with(str(tmp_path)) == []
+    last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("the torchrun launcher ended: checkpoint written at iteration ")
-    assert checkpoint_iteration(latest) == int(last.split("iteration ")[1].split(";")[0])
+    assert checkpoint_iteration(latest) == int(last.split("iteration ")[1].split(";")[0]) >= 4
 
 
-def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(tiny_voc, tmp_path):
-    """Before: a KeyboardInterrupt traceback."""
+@pytest.mark.parametrize("moment", ["step:2", "save:2"])
+def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(tiny_voc, tmp_path, moment):
+    """Before: a KeyboardInterrupt traceback. Sent after step 2, or inside the second checkpoint write (the first
+    is iteration 1's), where torch.save turned it into a RuntimeError and a traceback (exit 1)."""
     latest = os.path.join(tmp_path, "pascal", "tiny", "interrupted", "latest.pth")
-    command = train_command(tiny_voc, tmp_path, 0, "epochs=50", "checkpoint_interval=1", "image_log_interval=0",
-                            "run_name=interrupted")
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while checkpoint_iteration(latest) < 1:
-        assert process.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130 and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == ("interrupted: the last checkpoint is left as it was; rerun the same "
-                                               "command to resume")
-    assert checkpoint_iteration(latest) >= 1
+    result = run(fault_command(tiny_voc, tmp_path, 0, ("SIGINT", moment, "self"), "epochs=50", "checkpoint_interval=1",
+                               "image_log_interval=0", "run_name=interrupted"), check=False)
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("interrupted: the last checkpoint is left as it was; rerun the "
+                                                      "same command to resume")
+    assert checkpoint_iteration(latest) == 1
     assert not [name for name in os.listdir(os.path.dirname(latest)) if name.endswith(".tmp")]
 
 
@@ -171,10 +178,10 @@ def test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks(v
 
 def test_supervised_only_trains_under_torchrun_without_a_cif(tiny_voc, tmp_path):
     """Before: the CIF was built but unused, and DDP refused the second iteration."""
-    result = train(tiny_voc, tmp_path, 2, "epochs=2", "train_mode=supervised", "run_name=supervised")
+    train(tiny_voc, tmp_path, 2, "epochs=2", "train_mode=supervised", "run_name=supervised")
     run_dir = os.path.join(tmp_path, "pascal", "tiny", "supervised")
     state = torch.load(os.path.join(run_dir, "latest.pth"), weights_only=True)
-    assert state["iteration"] == 4 and result.returncode == 0
+    assert state["iteration"] == 4
     assert not any(name.startswith("cif.") for name in state["model"])
     assert state["config"]["cif"] is False and state["config"]["fusion"] == "none"
     assert "cif: false, since with train_mode supervised nothing would train it" in open(
@@ -190,11 +197,10 @@ def test_without_a_rescaled_view_the_cif_is_left_out():
 
 
 @pytest.mark.parametrize("overrides", [["train_mode=supervised"], ["strong_views=1"]])
-def test_a_batch_of_one_image_per_pass_is_refused_at_start_up(tiny_voc, tmp_path, overrides):
+def test_a_batch_of_one_image_per_pass_is_refused_at_start_up(tiny_voc, tmp_path, overrides, capsys):
     """Before: a raw BatchNorm ValueError at the first step (ASPP's image pooling sees one value per channel)."""
-    result = train(tiny_voc, tmp_path, 0, "batch_size=1", *overrides, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert train_in_process(tiny_voc, tmp_path, "batch_size=1", *overrides) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: batch_size 1 on one process: a training pass would hold one image, and BatchNorm (ASPP's image "
         "pooling) needs two; set batch_size=2 (as many images per BatchNorm as the release's 1 x 2 GPUs) or train "
         "on 2 or more GPUs"]
@@ -203,8 +209,8 @@ def test_a_batch_of_one_image_per_pass_is_refused_at_start_up(tiny_voc, tmp_path
 
 def test_a_batch_of_one_trains_where_every_pass_holds_two_images(tiny_voc, tmp_path):
     """Two strong views make the strong pass two images, and labeled plus unlabeled make the main pass two."""
-    train(tiny_voc, tmp_path, 0, "batch_size=1", "strong_views=2", "epochs=1", "iters_per_epoch=1",
-          "run_name=one_image")
+    assert train_in_process(tiny_voc, tmp_path, "batch_size=1", "strong_views=2", "epochs=1", "iters_per_epoch=1",
+                            "run_name=one_image") == 0
     state = torch.load(os.path.join(tmp_path, "pascal", "tiny", "one_image", "latest.pth"), weights_only=True)
     assert state["iteration"] == 1
 
@@ -264,28 +270,26 @@ def test_a_full_disk_under_the_tensorboard_events_is_one_warning_and_the_run_goe
                                        "left on device); the run goes on without them\n")
 
 
-def test_a_start_up_failure_leaves_no_run_directory_but_keeps_a_run_that_had_started(tiny_voc, tmp_path):
+def test_a_start_up_failure_leaves_no_run_directory_but_keeps_a_run_that_had_started(tiny_voc, tmp_path, capsys):
     """Before: a run that could not start (here: a split file naming nothing) left exp/.../NAME with run.lock and
     train.log, to be mistaken for a run."""
     data_root, splits_dir = tiny_voc
     exp_dir = tmp_path / "exp"
     exp_dir.mkdir()
-    failed = train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=broken", f"data_root={tmp_path / 'nowhere'}",
-                   check=False)
-    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=broken", f"data_root={tmp_path / 'nowhere'}") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
     assert os.listdir(exp_dir) == []
-    train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=kept")
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=kept") == 0
     run_dir = exp_dir / "pascal" / "tiny" / "kept"
     # The same run, now unable to start, keeps its checkpoints, log and directory.
-    train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=kept", f"data_root={tmp_path / 'nowhere'}", check=False)
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=kept", f"data_root={tmp_path / 'nowhere'}") == 2
     assert {"latest.pth", "best.pth", "train.log", "config.yaml"} <= set(os.listdir(run_dir))
 
 
-def test_an_exp_dir_naming_a_file_is_one_line(tiny_voc, tmp_path):
+def test_an_exp_dir_naming_a_file_is_one_line(tiny_voc, tmp_path, capsys):
     """Before: a NotADirectoryError traceback."""
     exp_file = tmp_path / "exp"
     exp_file.write_text("not a folder")
-    result = train(tiny_voc, exp_file, 0, "epochs=1", "run_name=x", check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert train_in_process(tiny_voc, exp_file, "epochs=1", "run_name=x") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {exp_file}/pascal: cannot create the run directory or its lock (Not a directory)"]

@@ -66,6 +66,8 @@ def test_a_step_gives_every_parameter_a_gradient_and_advances_the_schedule():
     run = tiny_run(cfg)
     output = scalematch.train_step(run, batch_of(), epoch=0)
     assert set(output.terms) == {"supervised", "strong", "isvc", "fp"}
+    # conf_thresh 0: every pixel outside the ignored columns is confident.
+    assert output.pictures["gate"] is not None and output.extras["mask_ratio"] == 1.0
     assert output.loss.item() == pytest.approx(scalematch.total_loss(output.terms, cfg).item())
     missing = [name for name, p in run.model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []
@@ -172,21 +174,21 @@ def test_fused_probs_of_each_fusion():
 
 
 def test_mri_runs_every_scale_of_the_group():
-    cfg = config(mri=True, img_scales=[0.5, 2.0])
+    """With mri the step runs the view rescaled by each scale of the group; without it, by one drawn scale. The
+    widths the backbone sees tell: 32 the 1x passes (weak, strong, partner), 32 x v a rescaled view."""
+    cfg = config(mri=True, img_scales=[0.25, 0.5, 1.5, 2.0])
     torch.manual_seed(0)
     random.seed(0)
     model = build_model(cfg).train()
-    seen = []
-    real_forward = model.forward
-
-    def recording_forward(images, feature_scale=None, image_scales=()):
-        out = real_forward(images, feature_scale=feature_scale, image_scales=image_scales)
-        seen.append((tuple(image_scales), len(out["pred_scaled"]), len(out["pred_cif"])))
-        return out
-    model.forward = recording_forward
+    widths = []
+    model.backbone.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[-1]))
     output = scalematch.semi_supervised_terms(model, batch_of(), cfg, 0, scalematch.labeled_criterion(cfg))
-    assert ((0.5, 2.0), 2, 2) in seen
     assert set(output.terms) == {"supervised", "strong", "isvc", "fp"}
+    assert sorted(width for width in widths if width != 32) == [8, 16, 48, 64]
+    widths.clear()
+    one_scale = config(img_scales=[0.25, 0.5, 1.5, 2.0])
+    scalematch.semi_supervised_terms(model, batch_of(), one_scale, 0, scalematch.labeled_criterion(one_scale))
+    assert len([width for width in widths if width != 32]) == 1
 
 
 def test_every_fusion_the_step_computed_is_returned_for_the_quality_meters():

@@ -45,17 +45,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     except BaseException as error:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
-        cause = _os_error_in(error) if isinstance(error, (OSError, RuntimeError)) else None
+        interrupt = _in_chain(error, KeyboardInterrupt)
+        if interrupt is not None:
+            # A Ctrl-C inside torch.save surfaces as its zip writer's RuntimeError; the caller must see the Ctrl-C.
+            raise interrupt from None
+        cause = _in_chain(error, OSError) if isinstance(error, (OSError, RuntimeError)) else None
         if cause is None:
             raise
         kept = "the previous one is left as it was" if existed else "nothing was written"
         raise CheckpointError(f"{path}: cannot write it ({cause.strerror or cause}); {kept}") from None
 
 
-def _os_error_in(error: BaseException | None) -> OSError | None:
-    """The OSError that `error` is or arose from: torch.save reports a full disk as a RuntimeError of its zip writer
-    raised while handling the file's OSError."""
-    while error is not None and not isinstance(error, OSError):
+def _in_chain(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The exception of type `kind` that `error` is or arose from: torch.save reports a full disk, or a Ctrl-C, as a
+    RuntimeError of its zip writer raised while handling the file's OSError or the KeyboardInterrupt."""
+    while error is not None and not isinstance(error, kind):
         error = error.__cause__ or error.__context__
     return error
 
