@@ -1,6 +1,7 @@
 """Every failure ends the process in bounded time: a data error met by loader workers (each kind, in each loader,
 in training, in its evaluation and in eval.py, alone and under torchrun), and the other places a run could block.
 Each run is a subprocess with a hard timeout: a hang fails its test, it never hangs the suite."""
+import glob
 import multiprocessing
 import os
 import shutil
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from conftest import REPO, command_env, train_command, write_tiny_voc
 from model import build_model
-from test_fault_tolerance import checkpoint_iteration, child_pids
+from test_fault_tolerance import checkpoint_iteration
 from util.bounded_exit import Teardown, kill_lingering_children
 from util.config import validate
 from util.sampling import ResumableSampler
@@ -27,6 +28,11 @@ RUN_TIMEOUT_S = 240
 SEED = 1  # a seed whose partner order meets a sample before the unlabeled order does, alone and on 2
 NCLASS = 21
 VAL_NAMES = [f"val_{i:03d}" for i in range(4)]
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of the children of process `pid`."""
+    return [int(child) for task in glob.glob(f"/proc/{pid}/task/*/children") for child in open(task).read().split()]
 
 
 def processes_mentioning(marker: str) -> list[int]:
