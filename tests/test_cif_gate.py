@@ -89,7 +89,8 @@ def test_cif_gate_prints_a_row_per_scale(tiny_voc, tmp_path):
         assert len(cells) == 10 and all(cell.endswith("%") for cell in cells[3:])
     # The rows are the report of that model on that validation set (the report's figures are checked above).
     model, _, _ = load_trained_model(str(tmp_path / "cif.pth"), torch.device("cpu"))
-    report = gate_report(model, build_val_dataset(cfg, cfg["splits_dir"]), list(GATE_SCALES), torch.device("cpu"))
+    report = gate_report(gate_totals(model, build_val_dataset(cfg, cfg["splits_dir"]), list(GATE_SCALES),
+                                     torch.device("cpu")))
     assert rows == [line for line in report.splitlines() if line.startswith(("| 0.25 ", "| 0.5 ", "| 1.5 ", "| 2 "))]
 
     plain_cfg = dict(cfg, cif=False, fusion="none")

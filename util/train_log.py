@@ -20,7 +20,8 @@ _STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+ (?:\[rank \d+\] )?"
 _LOSS = re.compile(_STAMP + r"epoch (\d+) iter (\d+)/(\d+) lr (\S+) (.*?)\s*$")
 _VALIDATION = re.compile(_STAMP + r"epoch (\d+) validation \((\w+)\)\s*$")
 _SHAPE = re.compile(_STAMP + r"model .*, (\d+) iterations x (\d+) epochs\s*$")
-_ROW = re.compile(r"^(.*?\S)\s+(n/a|-?\d+(?:\.\d+)?)\s*$")
+# A name, its value, and the words the mean rows carry after it ("over the 6 classes present").
+_ROW = re.compile(r"^(.*?\S)\s+(n/a|-?\d+(?:\.\d+)?)(?:\s{2,}\S.*)?\s*$")
 _NUMBER = re.compile(r"^-?(?:\d+\.?\d*(?:e[-+]?\d+)?|nan|inf)$")
 
 
@@ -109,7 +110,8 @@ def read_train_log(run: str | Path) -> RunLog:
             while index < len(lines) and not re.match(_STAMP, lines[index]):
                 row = _ROW.match(lines[index])
                 index += 1
-                if row is None or row.group(1) == "class":
+                # The release's mean over all classes is printed beside the present-class mIoU the log compares.
+                if row is None or row.group(1) in ("class", "mIoU (all)"):
                     continue
                 if row.group(1).startswith("best mIoU so far"):
                     break
