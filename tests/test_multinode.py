@@ -135,7 +135,7 @@ def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_tw
     # Global rank 0 alone writes: node 1's console has no run log lines, the run directory one set of files.
     assert "resumed from" in outputs[0][0] and "resumed from" not in outputs[1][0]
     kinds = {re.sub(r"^events\.out\.tfevents\..*", "events", name) for name in os.listdir(run_dir)}
-    assert kinds == {"best.pth", "latest.pth", "config.yaml", "train.log", "run.lock", "events"}
+    assert kinds == {"best.pth", "latest.pth", "config.yaml", "train.log", "run.lock", "events", "results.json"}
     assert len([name for name in os.listdir(run_dir) if name.startswith("events")]) == 2  # one per launch
 
     one_node = two_process_reference_run

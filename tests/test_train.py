@@ -11,6 +11,8 @@ from PIL import Image
 import eval as eval_cli
 from conftest import run, train, train_in_process
 from dataset.semi import build_val_dataset
+from util import evaluation
+from util.results import load_results
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,16 @@ def test_training_writes_run_directory(trained_run):
     log = open(os.path.join(run_dir, "train.log")).read()
     assert "mIoU" in log and "aeroplane" in log
     assert "4 labeled (repeated to 8), 8 unlabeled, 4 val samples, 21 classes" in log
+
+
+def test_results_json_holds_every_validation_of_the_run_and_its_resume(trained_run):
+    _, run_dir, _, _ = trained_run
+    results = load_results(run_dir)
+    best = torch.load(os.path.join(run_dir, "best.pth"), map_location="cpu", weights_only=True)
+    assert [entry["epoch"] for entry in results["evaluations"]] == [0, 1]
+    assert results["best_miou"] == best["miou"] and results["finished"]
+    assert results["trained_iterations"] == 4 and results["seconds_per_iteration"] > 0
+    assert len(results["final_iou"]) == 21 and set(results["pseudo_label_miou"]) == {"1x", "average", "cif"}
 
 
 def test_rerun_resumes_from_latest(trained_run):
@@ -134,8 +146,8 @@ def test_eval_multiscale_cif_and_average_on_a_trained_checkpoint(trained_run, ca
 
     for flags, predict, mode in [
             (["--multiscale-cif"], through_the_cif((0.5, 2.0)), "original"),
-            (["--multiscale-avg"], eval_cli.averaged_predictor(model.predict, [1.0, 0.5, 2.0], flip=False), "original"),
+            (["--multiscale-avg"], evaluation.averaged_predictor(model.predict, [1.0, 0.5, 2.0], flip=False), "original"),
             (["--multiscale-cif", "--cif-scales", "0.5", "--flip", "--mode", "sliding_window"],
-             eval_cli.averaged_predictor(through_the_cif((0.5,)), [1.0], flip=True), "sliding_window")]:
-        expected = eval_cli.evaluate(predict, val_set, cfg, torch.device("cpu"), mode=mode).miou()
+             evaluation.averaged_predictor(through_the_cif((0.5,)), [1.0], flip=True), "sliding_window")]:
+        expected = evaluation.evaluate(predict, val_set, cfg, torch.device("cpu"), mode=mode).miou()
         assert printed_miou(capsys, ["--checkpoint", checkpoint, *flags]) == round(expected, 2), flags
