@@ -45,11 +45,22 @@ def reference():
     return torch.load(REFERENCE, weights_only=True)
 
 
+# Sum of |tensor| over the seeded network's state, weights and calibrated BatchNorm statistics, as the torch builds
+# that wrote and pass the fixture compute it (2.14.1 and 2.15.0 on x86_64 CPUs).
+SEEDED_STATE_SUM = 900917.9660479061
+
+
 @pytest.fixture(scope="module")
 def seeded(reference):
     info = reference["info"]
     cfg = step_config(info["backbone"], info["conf_thresh"], [])
     model = seeded_model(cfg, info["size"], info["seed"])
+    state_sum = sum(float(t.double().abs().sum()) for t in model.state_dict().values() if t.is_floating_point())
+    if abs(state_sum - SEEDED_STATE_SUM) > 1e-9 * SEEDED_STATE_SUM:
+        # The initial weights are the same on every torch; the calibration's float rounding is not (torch 2.4.1:
+        # 900916.486), and this random network's near-tied logits turn that into hundreds of flipped pseudo-labels.
+        pytest.skip(f"this torch {torch.__version__} calibrates the seeded network's BatchNorm to a state of |sum| "
+                    f"{state_sum!r}, not the {SEEDED_STATE_SUM!r} the fixture was written from")
     return model, {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
