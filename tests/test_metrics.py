@@ -115,7 +115,7 @@ def test_format_iou_table():
 
 def _reduce_worker(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True")
+                      LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     from util import dist
 
     _, world_size, _, device = dist.init_distributed(force_cpu=True)

@@ -195,8 +195,16 @@ def test_a_labeled_list_longer_than_the_unlabeled_is_cut_in_semi_mode_unless_ask
     _write_lines(splits / "pascal/92/unlabeled.txt", [line.split()[0] for line in samples[3:5]])
     _write_lines(splits / "pascal/val.txt", samples[5:])
     cfg = _cfg(root, truncate_labeled=truncate, train_mode=train_mode)
-    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
-        labeled, unlabeled, val = build_datasets(cfg, splits)
+    # The handler on the project logger itself, alone: a run set up earlier in this process stops its propagation.
+    logger, propagate = logging.getLogger(LOGGER_NAME), logging.getLogger(LOGGER_NAME).propagate
+    logger.propagate = False
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+            labeled, unlabeled, val = build_datasets(cfg, splits)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
     assert [s[0] for s in labeled.samples] == [line.split()[0] for line in samples[:expected]]
     resized = "cut to 2" if expected == 2 else "repeated to 3"
     assert dataset_summary(cfg, labeled, unlabeled, val) == (
