@@ -19,7 +19,6 @@ the paper formula's gradient terms evaluated at kernel_forward's own outputs and
 """
 import argparse
 import builtins
-import importlib.util
 import re
 import subprocess
 import sys
@@ -32,8 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from model.rwkv import bi_wkv, bi_wkv_reference  # noqa: E402
+from scripts.release_parity import DEFAULT_TOOL, load_tool  # noqa: E402
 
-DEFAULT_TOOL = ROOT.parent / "shared" / "tools" / "release_model.py"
 CIF_REFERENCE = ROOT / "tests" / "data" / "release_cif_reference.pt"
 KERNEL_SOURCE = "ext/rwkv/cls_backbones/backbones/cuda/wkv_cuda.cu"
 OP_SOURCE = "ext/rwkv/cls_backbones/backbones/vrwkv.py"  # compiles the kernel with -DTmax={T_MAX}
@@ -328,15 +327,6 @@ def autograd_of(function, w, u, k, v, gy, dtype=torch.float64) -> tuple[torch.Te
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
-
-
-def load_tool(path: Path):
-    if not path.is_file():
-        raise SystemExit(f"error: {path}: no release_model.py (pass --tool)")
-    spec = importlib.util.spec_from_file_location("release_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None) -> int:
