@@ -11,6 +11,7 @@ signals, non-finite steps, exit codes), resume.py, events.py, loaders.py, evalua
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import sys
@@ -36,7 +37,7 @@ from util.events import RunEvents, log_step_pictures
 from util.lifecycle import (NonFiniteLoss, StopSignal, agree, claimed_run_directory, ensure_finite, exit_code, on_main,
                             seed_everything)
 from util.loaders import train_loaders
-from util.logging import setup_logger
+from util.logging import LOGGER_NAME, setup_logger
 from util.losses import OHEMCrossEntropy, masked_cross_entropy
 from util.metrics import MeanIoU, format_iou_table
 from util.resume import checkpoint_state, fresh_progress, recorded_best_miou, reconcile_best, resume
@@ -235,7 +236,7 @@ class Run:
     stop: StopSignal | None = None
     progress: dict = field(default_factory=fresh_progress)
     criterion: nn.Module | None = None  # None: labeled_criterion(cfg)
-    logger: object = None
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger(LOGGER_NAME))
     writer: RunEvents | None = None  # rank 0's TensorBoard events
     results: RunResults | None = None  # rank 0's results.json
 

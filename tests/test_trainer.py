@@ -1,6 +1,5 @@
 """scalematch.py: the method (scale draws, pseudo-label sources, fusions, the loss terms and their total, Eq. 17) and
 one training step (train_step), on a tiny network."""
-import logging
 import random
 
 import pytest
@@ -90,7 +89,6 @@ def test_loss_goes_down_over_a_few_steps():
 
 def test_a_non_finite_step_is_skipped_with_its_batchnorm_statistics_undone():
     run = tiny_run(config(on_nonfinite_loss="skip"))
-    run.logger = logging.getLogger("test")
     weights = {name: value.clone() for name, value in run.model.state_dict().items()}
     poisoned = batch_of()
     poisoned["labeled"]["image"] = poisoned["labeled"]["image"] * float("inf")
