@@ -316,8 +316,9 @@ def log_step(run: Run, output: StepOutput, running: dict, bar) -> None:
     cfg, iteration = run.cfg, run.progress["iteration"]
     logged = {**output.terms, **output.extras, "total": output.loss}
     running["steps"] = running.get("steps", 0) + 1
+    sums = running.setdefault("sums", {})
     for name, value in logged.items():
-        running.setdefault("sums", {})[name] = running.get("sums", {}).get(name, 0.0) + value.item()
+        sums[name] = sums.get(name, 0.0) + value.item()
     if not run.is_main:
         return
     bar.set_postfix(loss=f"{output.loss.item():.3f}", lr=f"{output.lr:.2e}")

@@ -167,28 +167,29 @@ def check_failed_in_one_line(result, lines: set[str]):
     assert "Traceback" not in result.stderr
 
 
+def train_on_spoiled_data(tmp_path, loader: str, kind: str, ngpus: int) -> None:
+    """Train with 2 workers per loader (NGPUS 0: one process; 2: torchrun) on data whose samples `loader` reads are
+    spoiled by `kind`: the run must end with its one-line error."""
+    data = tiny_dataset(tmp_path / "data")
+    lines = spoil(data[0], names_read_by(loader, max(ngpus, 1)), kind)
+    exp_dir = tmp_path / "exp"
+    result = run_bounded(train_command(data, exp_dir, ngpus, "workers=2", "epochs=1", "image_log_interval=0",
+                                       f"seed={SEED}", *order_of(loader)), str(exp_dir))
+    check_failed_in_one_line(result, lines)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("loader", TRAINING_LOADERS)
 def test_a_data_error_met_by_loader_workers_ends_the_run(tmp_path, loader, kind):
     """Before: the one-line error, then the process stayed alive forever, joining a worker that ignores SIGTERM."""
-    data = tiny_dataset(tmp_path / "data")
-    lines = spoil(data[0], names_read_by(loader, 1), kind)
-    exp_dir = tmp_path / "exp"
-    result = run_bounded(train_command(data, exp_dir, 0, "workers=2", "epochs=1", "image_log_interval=0",
-                                       f"seed={SEED}", *order_of(loader)), str(exp_dir))
-    check_failed_in_one_line(result, lines)
+    train_on_spoiled_data(tmp_path, loader, kind, ngpus=0)
 
 
 @pytest.mark.parametrize("loader, kind", [("labeled", "image_unreadable"), ("unlabeled", "mask_out_of_range"),
                                           ("partner", "mask_wrong_size"), ("evaluation", "mask_unreadable")])
 def test_a_data_error_met_by_loader_workers_ends_a_torchrun_run(tmp_path, loader, kind):
     """Before: the failing process hung at exit and its peer waited in a collective for it."""
-    data = tiny_dataset(tmp_path / "data")
-    lines = spoil(data[0], names_read_by(loader, 2), kind)
-    exp_dir = tmp_path / "exp"
-    result = run_bounded(train_command(data, exp_dir, 2, "workers=2", "epochs=1", "image_log_interval=0",
-                                       f"seed={SEED}", *order_of(loader)), str(exp_dir))
-    check_failed_in_one_line(result, lines)
+    train_on_spoiled_data(tmp_path, loader, kind, ngpus=2)
 
 
 @pytest.fixture(scope="module")
