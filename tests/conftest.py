@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -77,6 +78,16 @@ def run(command, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def concurrently(calls: dict) -> dict:
+    """{key: Future of call()} for zero-argument callables that each wait on a subprocess, started at once in threads,
+    at most one per CPU running: a matrix of independent runs takes the wall time of its share, not of the sum. Each
+    test reads its own entry's .result(), which raises that call's error (a hang is bounded by the call's timeout)."""
+    pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)))
+    futures = {key: pool.submit(call) for key, call in calls.items()}
+    pool.shutdown(wait=False)
+    return futures
 
 
 def train_command(tiny_voc, exp_dir, ngpus, *overrides):
