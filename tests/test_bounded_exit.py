@@ -1,9 +1,16 @@
 """Every failure ends the process in bounded time: a data error met by loader workers (each kind, in each loader,
 in training, in its evaluation and in eval.py, alone and under torchrun), and the other places a run could block.
-Each run is a subprocess with a hard timeout: a hang fails its test, it never hangs the suite."""
+
+The matrix of loader x kind of data error runs in this process (the kind decides only the message, the loader the
+way out), under an alarm. Where the process boundary is what is tested (a process's interpreter exit, torchrun,
+signals, a killed launcher) a run is a subprocess with a hard timeout; those runs all start when the module's first
+test does, and run while the in-process tests do. Either way a hang fails its test, it never hangs the suite."""
+import contextlib
+import functools
 import glob
 import multiprocessing
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -16,7 +23,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import REPO, command_env, train_command, write_tiny_voc
+import scalematch
+import util.evaluation
+from conftest import REPO, command_env, concurrently, train_command, train_in_process, write_tiny_voc
 from model import build_model
 from test_fault_tolerance import checkpoint_iteration
 from util.bounded_exit import Teardown, kill_lingering_children
@@ -89,6 +98,71 @@ def run_bounded(command: list[str], marker: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(command, process.returncode, None, stderr)
 
 
+@contextlib.contextmanager
+def as_a_run_alone(timeout_s: int = RUN_TIMEOUT_S):
+    """Run the block (in the main thread) as the run of a process of its own: on one torch thread, as command_env
+    gives the subprocess runs (intra-op threads waiting on each other on a loaded machine cost several times the
+    time), and failing its test past `timeout_s`, as a subprocess's timeout does: an in-process run that hangs never
+    hangs the suite (pytest's Failed, raised by the alarm, is caught by no handler of a run's errors)."""
+    def expire(signum, frame):
+        pytest.fail(f"the run did not end within {timeout_s} s")
+
+    threads = torch.get_num_threads()
+    previous = signal.signal(signal.SIGALRM, expire)
+    torch.set_num_threads(1)
+    signal.alarm(timeout_s)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        torch.set_num_threads(threads)
+
+
+def watching_workers(monkeypatch, owner, name: str) -> tuple[list, list]:
+    """(started, kept), filled from now on: every process this process starts (loader workers are multiprocessing
+    processes), and the error that `owner.name` raises, kept with its traceback. While it is kept, the failed run's
+    loaders and iterators stay referenced, so garbage collection cannot end their workers: only the Teardown can, as
+    at interpreter exit, where collection ends none (the hang before: the exit joined them forever)."""
+    started, kept = [], []
+    start, function = multiprocessing.process.BaseProcess.start, getattr(owner, name)
+
+    def recording_start(process):
+        start(process)
+        started.append(process)
+
+    def keeping_the_error(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except BaseException as error:
+            kept.append(error)
+            raise
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", recording_start)
+    monkeypatch.setattr(owner, name, keeping_the_error)
+    return started, kept
+
+
+def check_no_worker_outlives(started: list, kept: list):
+    """No process started by a run that failed (watching_workers) is alive, its failure still referenced."""
+    assert kept, "the run did not fail where its loaders are"
+    assert started, "the run started no loader workers: there is nothing to end"
+    alive = [process.pid for process in started if process.is_alive()]
+    assert not alive, f"loader workers outlived the run: {alive}"
+
+
+def eval_in_process(monkeypatch, *arguments: str) -> int:
+    """The exit code of `python eval.py ARGUMENTS`, its __main__ block run in this process (no interpreter and torch
+    start), as_a_run_alone; its output goes to this process's (capfd: its loader workers' too)."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *arguments])
+    try:
+        with as_a_run_alone():
+            runpy.run_path(os.path.join(REPO, "eval.py"), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
 def tiny_dataset(base):
     """(data_root, splits_dir) of tiny_voc's layout whose val images are files of their own (val_000 ...)."""
     data_root, splits_dir = write_tiny_voc(base)
@@ -153,6 +227,8 @@ def names_read_by(loader: str, world_size: int) -> list[str]:
 
 KINDS = ["image_unreadable", "mask_unreadable", "mask_wrong_size", "mask_out_of_range"]
 TRAINING_LOADERS = ["labeled", "unlabeled", "partner", "evaluation"]
+# Each spoiled sample is met in the first iteration, the evaluation right after it: one iteration is all a run needs.
+SPOILED_RUN = ["workers=2", "epochs=1", "iters_per_epoch=1", "image_log_interval=0", f"seed={SEED}"]
 
 
 def order_of(loader: str) -> list[str]:
@@ -161,35 +237,10 @@ def order_of(loader: str) -> list[str]:
     return ["data_order=independent", "cutmix_partner=other_image"] if loader == "partner" else []
 
 
-def check_failed_in_one_line(result, lines: set[str]):
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].removeprefix("error: ") in lines, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-
-
-def train_on_spoiled_data(tmp_path, loader: str, kind: str, ngpus: int) -> None:
-    """Train with 2 workers per loader (NGPUS 0: one process; 2: torchrun) on data whose samples `loader` reads are
-    spoiled by `kind`: the run must end with its one-line error."""
-    data = tiny_dataset(tmp_path / "data")
-    lines = spoil(data[0], names_read_by(loader, max(ngpus, 1)), kind)
-    exp_dir = tmp_path / "exp"
-    result = run_bounded(train_command(data, exp_dir, ngpus, "workers=2", "epochs=1", "image_log_interval=0",
-                                       f"seed={SEED}", *order_of(loader)), str(exp_dir))
-    check_failed_in_one_line(result, lines)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("loader", TRAINING_LOADERS)
-def test_a_data_error_met_by_loader_workers_ends_the_run(tmp_path, loader, kind):
-    """Before: the one-line error, then the process stayed alive forever, joining a worker that ignores SIGTERM."""
-    train_on_spoiled_data(tmp_path, loader, kind, ngpus=0)
-
-
-@pytest.mark.parametrize("loader, kind", [("labeled", "image_unreadable"), ("unlabeled", "mask_out_of_range"),
-                                          ("partner", "mask_wrong_size"), ("evaluation", "mask_unreadable")])
-def test_a_data_error_met_by_loader_workers_ends_a_torchrun_run(tmp_path, loader, kind):
-    """Before: the failing process hung at exit and its peer waited in a collective for it."""
-    train_on_spoiled_data(tmp_path, loader, kind, ngpus=2)
+def check_failed_in_one_line(returncode: int, stderr: str, lines: set[str]):
+    assert returncode == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].removeprefix("error: ") in lines, stderr[-3000:]
+    assert "Traceback" not in stderr
 
 
 @pytest.fixture(scope="module")
@@ -206,60 +257,77 @@ def checkpoint_with_workers(tmp_path_factory):
     return str(path), data_root
 
 
-# Under torchrun one kind stands for all: the way out is the same.
-@pytest.mark.parametrize("nproc, kind", [(1, kind) for kind in KINDS] + [(2, "mask_wrong_size")])
-def test_a_data_error_met_by_eval_workers_ends_eval(checkpoint_with_workers, tmp_path, nproc, kind):
+@pytest.fixture(scope="module", autouse=True)
+def subprocess_runs(request, tmp_path_factory, checkpoint_with_workers):
+    """{run: Future of its outcome} for the subprocess run (`run` parameter) of every selected test of this module,
+    all started when its first test starts, at most one per CPU at a time: they take the wall time of their share,
+    and the in-process tests run meanwhile. A run that fails or hangs raises from its Future (bounded by its
+    timeout); none outlives the module."""
+    selected = [item.callspec.params.get("run") for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
+    runs = [run for run in ALL_RUNS if run in selected]  # the longest first
+    futures = concurrently({run: functools.partial(run[0], tmp_path_factory.mktemp(run[0].__name__),
+                                                   checkpoint_with_workers, *run[1:]) for run in runs})
+    yield futures
+    for future in futures.values():
+        future.exception()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("loader", TRAINING_LOADERS)
+def test_a_data_error_met_by_loader_workers_ends_the_run(tmp_path, monkeypatch, capfd, loader, kind):
+    """The run (in this process) ends with its one-line error and exit code 2, and every loader worker it started has
+    ended, though the failure's traceback still references their loaders: its Teardown ended them, as it must before
+    interpreter exit. Before, the process then stayed alive forever, joining a worker that ignores SIGTERM; the
+    exit itself is test_a_data_error_met_by_loader_workers_ends_the_process's."""
+    data = tiny_dataset(tmp_path / "data")
+    lines = spoil(data[0], names_read_by(loader, 1), kind)
+    started, kept = watching_workers(monkeypatch, scalematch, "main")
+    with as_a_run_alone():
+        code = train_in_process(data, tmp_path / "exp", *SPOILED_RUN, *order_of(loader))
+    # capfd, not capsys: a traceback that a loader worker (a fork of this process) prints must be seen too.
+    check_failed_in_one_line(code, capfd.readouterr().err, lines)
+    check_no_worker_outlives(started, kept)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_data_error_met_by_eval_workers_ends_eval(checkpoint_with_workers, tmp_path, monkeypatch, capfd, kind):
+    """eval.py (its __main__ block, in this process) ends with the one-line error and exit code 2, every loader worker
+    ended though its traceback is kept; as processes of their own: test_a_data_error_met_by_eval_workers_ends_eval_
+    under_the_launcher."""
     checkpoint, clean_root = checkpoint_with_workers
     data_root = str(tmp_path / "VOC")
     shutil.copytree(clean_root, data_root)
     lines = spoil(data_root, VAL_NAMES, kind)
-    arguments = ["eval.py", "--checkpoint", checkpoint, "--cpu", "--data-root", data_root]
-    launcher = [sys.executable] + (["-m", "util.launcher", "2"] if nproc == 2 else [])
-    check_failed_in_one_line(run_bounded(launcher + arguments, data_root), lines)
+    started, kept = watching_workers(monkeypatch, util.evaluation, "evaluate")
+    code = eval_in_process(monkeypatch, "--checkpoint", checkpoint, "--cpu", "--data-root", data_root)
+    check_failed_in_one_line(code, capfd.readouterr().err, lines)
+    check_no_worker_outlives(started, kept)
 
 
-def wait_for(path, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return os.path.exists(path)
+def test_a_fifo_in_place_of_a_prediction_ends_predict_dir_in_one_line(checkpoint_with_workers, tmp_path, monkeypatch,
+                                                                      capfd):
+    """A FIFO, which an open for writing could wait on (as_a_run_alone bounds it): refused in words (before: 'File or
+    stream is not seekable')."""
+    checkpoint, data_root = checkpoint_with_workers
+    save_dir = tmp_path / "predictions"
+    save_dir.mkdir()
+    os.mkfifo(save_dir / "val_000.png")
+    code = eval_in_process(monkeypatch, "--checkpoint", checkpoint, "--cpu", "--predict-dir",
+                           os.path.join(data_root, "JPEGImages"), "--save-dir", str(save_dir))
+    assert code == 2
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (f"error: cannot write {save_dir / 'val_000.png'}: a "
+                                                                "FIFO or device is in its place, not a file")
 
 
-# How soon a torchrun worker must know that its launcher has ended, the CPU saturated: well above the few
-# milliseconds the parent-death signal takes, well below "never".
-LAUNCHER_NOTICE_BOUND_S = 10
-
-
-@pytest.mark.parametrize("killed", ["while the worker starts", "while the worker computes"])
-def test_a_killed_launcher_is_noticed_with_the_cpu_saturated(tmp_path, killed):
-    """Before, the watch took the worker's parent when it started for its launcher: a launcher killed while its
-    workers were still importing (seconds, under load) was never noticed, and they trained on unwatched."""
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            for _ in range(2 * len(os.sched_getaffinity(0)))]
-    go, notice = tmp_path / "go", tmp_path / "notice"
-    worker = None
-    try:
-        launcher = subprocess.Popen([sys.executable, "-m", "util.launcher", "1", "tests/launcher_watch_worker.py",
-                                     str(go), str(notice)], cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
-        assert wait_for(f"{notice}.pid", RUN_TIMEOUT_S), "the worker did not start"
-        worker = int(open(f"{notice}.pid").read())
-        if killed == "while the worker computes":
-            go.touch()
-            assert wait_for(f"{notice}.watching", RUN_TIMEOUT_S)
-        launcher.kill()
-        launcher.wait()
-        go.touch()
-        assert wait_for(notice, LAUNCHER_NOTICE_BOUND_S), f"no notice {LAUNCHER_NOTICE_BOUND_S} s after the kill"
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
-        if worker is not None:
-            try:
-                os.kill(worker, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def test_a_fifo_in_place_of_train_log_leaves_the_log_on_the_console(tmp_path):
+    """Before, opening train.log waited forever for a reader of the FIFO."""
+    os.mkfifo(tmp_path / "train.log")
+    result = run_bounded([sys.executable, "-c", f"from util.logging import setup_logger; "
+                          f"setup_logger({str(tmp_path)!r}, 0).info('first')"], str(tmp_path))
+    assert result.returncode == 0
+    assert result.stderr == (f"warning: {tmp_path / 'train.log'}: a FIFO that nothing reads is in its place; the log "
+                             "goes on on the console only\n")
 
 
 class EndlessDataset(torch.utils.data.Dataset):
@@ -323,14 +391,44 @@ def test_a_child_still_alive_at_exit_is_killed_after_the_grace():
     assert time.monotonic() - started < 0.5 + 5
 
 
+# The subprocess runs, each (function, its arguments): function(base folder, checkpoint_with_workers, *arguments)
+# runs it and returns what its test checks.
+
+def train_on_spoiled_data(base, checkpoint, loader: str, kind: str, ngpus: int) -> tuple[int, str, set[str]]:
+    """Train with 2 workers per loader (NGPUS 0: one process; 2: torchrun) on data whose samples `loader` reads are
+    spoiled by `kind`: (exit code, stderr, the lines that may tell the error)."""
+    data = tiny_dataset(base / "data")
+    lines = spoil(data[0], names_read_by(loader, max(ngpus, 1)), kind)
+    exp_dir = base / "exp"
+    result = run_bounded(train_command(data, exp_dir, ngpus, *SPOILED_RUN, *order_of(loader)), str(exp_dir))
+    return result.returncode, result.stderr, lines
+
+
+def eval_on_spoiled_data_under_the_launcher(base, checkpoint, kind: str) -> tuple[int, str, set[str]]:
+    """eval.py on 2 torchrun processes, its val images spoiled by `kind`: as train_on_spoiled_data."""
+    checkpoint, clean_root = checkpoint
+    data_root = str(base / "VOC")
+    shutil.copytree(clean_root, data_root)
+    lines = spoil(data_root, VAL_NAMES, kind)
+    command = [sys.executable, "-m", "util.launcher", "2", "eval.py", "--checkpoint", checkpoint, "--cpu",
+               "--data-root", data_root]
+    result = run_bounded(command, data_root)
+    return result.returncode, result.stderr, lines
+
+
+# Runs the command after it with SIGINT's default action, as Ctrl-C finds a run started in a terminal, even where the
+# suite was started in the background (which ignores SIGINT, and an exec keeps that). A preexec_fn is unsafe in the
+# presence of the threads that run these runs.
+WITH_DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 def start_training(data, exp_dir, ngpus: int) -> subprocess.Popen:
     """A long run with loader workers, returned once its first checkpoint shows it training."""
     command = train_command(data, exp_dir, ngpus, "workers=2", "epochs=50", "checkpoint_interval=1",
                             "image_log_interval=0", "run_name=long")
-    # Ctrl-C's default action, even where the suite was started in the background (which ignores SIGINT).
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    process = subprocess.Popen(WITH_DEFAULT_SIGINT + command, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     latest = os.path.join(exp_dir, "pascal", "tiny", "long", "latest.pth")
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while checkpoint_iteration(latest) < 1:
@@ -341,48 +439,133 @@ def start_training(data, exp_dir, ngpus: int) -> subprocess.Popen:
     return process
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_while_loader_workers_are_busy_ends_the_run(tmp_path, signum, code):
+def signal_training(base, checkpoint, signum: int) -> tuple[int, str]:
+    """Send `signum` to a training process alone, its workers busy loading: (its exit code, its stderr) once it and
+    every process of its run have ended."""
+    data = tiny_dataset(base / "data")
+    process = start_training(data, base / "exp", 0)
+    process.send_signal(signum)
+    stderr = ended_within(process, str(base / "exp"))
+    return process.returncode, stderr
+
+
+def kill_a_peer(base, checkpoint) -> tuple[int, int]:
+    """SIGKILL one of the 2 processes of a torchrun run: (how many processes it had, the run's exit code) once the
+    launcher, the peer and every loader worker have ended."""
+    data = tiny_dataset(base / "data")
+    process = start_training(data, base / "exp", 2)
+    workers = child_pids(process.pid)
+    if len(workers) == 2:
+        os.kill(workers[1], signal.SIGKILL)
+    else:
+        end_all(process, str(base / "exp"))
+    ended_within(process, str(base / "exp"))
+    return len(workers), process.returncode
+
+
+def wait_for(path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.path.exists(path)
+
+
+# How soon a torchrun worker must know that its launcher has ended, the CPU saturated: well above the few
+# milliseconds the parent-death signal takes, well below "never".
+LAUNCHER_NOTICE_BOUND_S = 10
+
+
+def kill_the_launcher(base, checkpoint, killed: str) -> bool:
+    """Kill the launcher of tests/launcher_watch_worker.py `killed` (while the worker starts: before it watches; or
+    while it computes), the CPU saturated from then on: whether the worker noticed within LAUNCHER_NOTICE_BOUND_S.
+    The worker waits for the file `go` before it watches, so the kill lands where `killed` says whatever the load."""
+    go, notice = base / "go", base / "notice"
+    launcher, busy, worker = None, [], None
+    try:
+        launcher = subprocess.Popen([sys.executable, "-m", "util.launcher", "1", "tests/launcher_watch_worker.py",
+                                     str(go), str(notice)], cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+        if not wait_for(f"{notice}.pid", RUN_TIMEOUT_S):
+            pytest.fail("the worker did not start")
+        worker = int(open(f"{notice}.pid").read())
+        # Saturated only now: the imports before are slower under it, nothing else.
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(2 * len(os.sched_getaffinity(0)))]
+        if killed == "while the worker computes":
+            go.touch()
+            if not wait_for(f"{notice}.watching", RUN_TIMEOUT_S):
+                pytest.fail("the worker did not start watching")
+        launcher.kill()
+        launcher.wait()
+        go.touch()
+        return wait_for(notice, LAUNCHER_NOTICE_BOUND_S)
+    finally:
+        for process in busy + ([launcher] if launcher is not None else []):
+            process.kill()
+            process.wait()
+        if worker is not None:
+            try:
+                os.kill(worker, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# Under torchrun each loader: the failing process used to hang at exit and its peer to wait in a collective for it.
+TORCHRUN_RUNS = [(train_on_spoiled_data, loader, kind, 2) for loader, kind in [
+    ("labeled", "image_unreadable"), ("unlabeled", "mask_out_of_range"), ("partner", "mask_wrong_size"),
+    ("evaluation", "mask_unreadable")]]
+# A process of its own, one run per way out of it: an error in a training loader (the loaders share their way out:
+# the run's Teardown ends their persistent workers), and in the evaluation (evaluate's Teardown ends its workers, the
+# run's those of training). The kind decides only the message: each is checked in this process above.
+PROCESS_RUNS = [(train_on_spoiled_data, "labeled", "mask_unreadable", 0),
+                (train_on_spoiled_data, "evaluation", "mask_out_of_range", 0)]
+EVAL_UNDER_THE_LAUNCHER_RUN = (eval_on_spoiled_data_under_the_launcher, "mask_wrong_size")
+SIGNAL_RUNS = [(signal_training, signal.SIGINT), (signal_training, signal.SIGTERM)]
+PEER_RUN = (kill_a_peer,)
+LAUNCHER_RUNS = [(kill_the_launcher, "while the worker starts"), (kill_the_launcher, "while the worker computes")]
+ALL_RUNS = [PEER_RUN, *TORCHRUN_RUNS, EVAL_UNDER_THE_LAUNCHER_RUN, *LAUNCHER_RUNS, *SIGNAL_RUNS, *PROCESS_RUNS]
+
+
+@pytest.mark.parametrize("run", PROCESS_RUNS, ids=lambda run: f"{run[1]}-{run[2]}")
+def test_a_data_error_met_by_loader_workers_ends_the_process(subprocess_runs, run):
+    """As a process of its own (scripts/train.sh, NGPUS 0): the one-line error, and the process and its workers end,
+    within the timeout. Before: the process stayed alive forever at interpreter exit, joining a worker that ignores
+    SIGTERM."""
+    check_failed_in_one_line(*subprocess_runs[run].result())
+
+
+@pytest.mark.parametrize("run", TORCHRUN_RUNS, ids=lambda run: f"{run[1]}-{run[2]}")
+def test_a_data_error_met_by_loader_workers_ends_a_torchrun_run(subprocess_runs, run):
+    """Before: the failing process hung at exit and its peer waited in a collective for it."""
+    check_failed_in_one_line(*subprocess_runs[run].result())
+
+
+# Under torchrun one kind stands for all: the way out is the same.
+@pytest.mark.parametrize("run", [EVAL_UNDER_THE_LAUNCHER_RUN], ids=lambda run: run[1])
+def test_a_data_error_met_by_eval_workers_ends_eval_under_the_launcher(subprocess_runs, run):
+    """eval.py's processes, and their loader workers, end at interpreter exit; the launcher tells the error once."""
+    check_failed_in_one_line(*subprocess_runs[run].result())
+
+
+@pytest.mark.parametrize("run, code", [(SIGNAL_RUNS[0], 130), (SIGNAL_RUNS[1], 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_loader_workers_are_busy_ends_the_run(subprocess_runs, run, code):
     """Ctrl-C or SIGTERM to the training process alone (its workers busy loading): it stops with its code, and its
     workers with it, shut down by the Teardown rather than by garbage collection."""
-    data = tiny_dataset(tmp_path / "data")
-    process = start_training(data, tmp_path / "exp", 0)
-    process.send_signal(signum)
-    stderr = ended_within(process, str(tmp_path / "exp"))
-    assert process.returncode == code and "Traceback" not in stderr
+    returncode, stderr = subprocess_runs[run].result()
+    assert returncode == code and "Traceback" not in stderr
 
 
-def test_a_peer_killed_mid_run_ends_the_torchrun_run(tmp_path):
+@pytest.mark.parametrize("run", [PEER_RUN], ids=["2 processes"])
+def test_a_peer_killed_mid_run_ends_the_torchrun_run(subprocess_runs, run):
     """A process of a torchrun run killed with SIGKILL: its peer, waiting in a collective, learns it at once (gloo
     closes the connection), and the launcher, its peer and every loader worker end."""
-    data = tiny_dataset(tmp_path / "data")
-    process = start_training(data, tmp_path / "exp", 2)
-    workers = child_pids(process.pid)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGKILL)
-    ended_within(process, str(tmp_path / "exp"))
-    assert process.returncode != 0
+    processes, returncode = subprocess_runs[run].result()
+    assert processes == 2
+    assert returncode != 0
 
 
-def test_a_fifo_in_place_of_a_prediction_ends_predict_dir_in_one_line(checkpoint_with_workers, tmp_path):
-    """A FIFO, which an open for writing could wait on: refused in words (before: 'File or stream is not
-    seekable')."""
-    checkpoint, data_root = checkpoint_with_workers
-    save_dir = tmp_path / "predictions"
-    save_dir.mkdir()
-    os.mkfifo(save_dir / "val_000.png")
-    result = run_bounded([sys.executable, "eval.py", "--checkpoint", checkpoint, "--cpu", "--predict-dir",
-                          os.path.join(data_root, "JPEGImages"), "--save-dir", str(save_dir)], str(save_dir))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (f"error: cannot write {save_dir / 'val_000.png'}: a FIFO or "
-                                                      "device is in its place, not a file")
-
-
-def test_a_fifo_in_place_of_train_log_leaves_the_log_on_the_console(tmp_path):
-    """Before, opening train.log waited forever for a reader of the FIFO."""
-    os.mkfifo(tmp_path / "train.log")
-    result = run_bounded([sys.executable, "-c", f"from util.logging import setup_logger; "
-                          f"setup_logger({str(tmp_path)!r}, 0).info('first')"], str(tmp_path))
-    assert result.returncode == 0
-    assert result.stderr == (f"warning: {tmp_path / 'train.log'}: a FIFO that nothing reads is in its place; the log "
-                             "goes on on the console only\n")
+@pytest.mark.parametrize("run", LAUNCHER_RUNS, ids=lambda run: run[1])
+def test_a_killed_launcher_is_noticed_with_the_cpu_saturated(subprocess_runs, run):
+    """Before, the watch took the worker's parent when it started for its launcher: a launcher killed while its
+    workers were still importing (seconds, under load) was never noticed, and they trained on unwatched."""
+    assert subprocess_runs[run].result(), f"no notice {LAUNCHER_NOTICE_BOUND_S} s after the kill"
