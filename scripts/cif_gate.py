@@ -115,14 +115,14 @@ def gate_report(totals: dict[float, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 2.0])
     parser.add_argument("--data-root", help="dataset root, if it moved since training")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--json", help="also write each scale's figures (fractions) to this file as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model, cfg, state = load_trained_model(args.checkpoint, device, args.data_root)
     if not cfg["cif"]:

@@ -3,18 +3,30 @@ import json
 import math
 import sys
 
+import pytest
 import torch
 
-from conftest import run
+from conftest import concurrently, run
 from dataset.semi import build_val_dataset
 from eval import load_trained_model
 from model import build_model
 from util.config import validate
 
 sys.path.insert(0, "scripts")
+import cif_gate  # noqa: E402
 from cif_gate import (COUNTS, constant_gate_right, gate_counts, gate_figures, gate_report,  # noqa: E402
                       gate_totals)
 from study import GATE_SCALES, gate_columns  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one CPU thread in this module, as scripts/cif_gate.py had in the subprocesses it ran in before
+    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_gate_counts_on_a_hand_made_case():
@@ -70,15 +82,22 @@ def test_gate_std_is_over_the_valid_pixels_of_every_batch():
     assert columns["gate_2.0_right"] == f"{100 * total['gate_right'] / total['contested']:.2f}"
 
 
-def test_cif_gate_prints_a_row_per_scale(tiny_voc, tmp_path):
+def test_cif_gate_prints_a_row_per_scale(tiny_voc, tmp_path, capsys):
+    """The script's table and --json on a CIF checkpoint; its refusal of a checkpoint without the gate; and, through
+    a real interpreter, a missing checkpoint as exit status 2 and one line. The first two run the script's main in
+    this process."""
+    # Started first: its interpreter start overlaps the runs in this process.
+    missing = concurrently({"run": lambda: run([sys.executable, "scripts/cif_gate.py", "--checkpoint",
+                                                str(tmp_path / "absent.pth"), "--cpu"], check=False)})["run"]
     data_root, splits_dir = tiny_voc
     cfg = validate({"dataset": "pascal", "data_root": str(data_root), "splits_dir": str(splits_dir), "split": "tiny", "nclass": 21,
                     "backbone": "tv_resnet18", "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8,
                     "crop_size": 32}, "test")
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "epoch": 0}, tmp_path / "cif.pth")
-    out = run([sys.executable, "scripts/cif_gate.py", "--checkpoint", str(tmp_path / "cif.pth"), "--cpu",
-               "--json", str(tmp_path / "gate.json"), "--scales", *map(str, GATE_SCALES)]).stdout
+    cif_gate.main(["--checkpoint", str(tmp_path / "cif.pth"), "--cpu", "--json", str(tmp_path / "gate.json"),
+                   "--scales", *map(str, GATE_SCALES)])
+    out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("| 0.25 ", "| 0.5 ", "| 1.5 ", "| 2 "))]
     assert len(rows) == 4
     columns = gate_columns(json.loads((tmp_path / "gate.json").read_text()))  # what scripts/study.py records
@@ -95,11 +114,11 @@ def test_cif_gate_prints_a_row_per_scale(tiny_voc, tmp_path):
 
     plain_cfg = dict(cfg, cif=False, fusion="none")
     torch.save({"model": build_model(plain_cfg).state_dict(), "config": plain_cfg, "epoch": 0}, tmp_path / "plain.pth")
-    refused = run([sys.executable, "scripts/cif_gate.py", "--checkpoint", str(tmp_path / "plain.pth"), "--cpu"],
-                  check=False)
-    assert refused.returncode != 0 and "cif: false" in refused.stderr
-    missing = run([sys.executable, "scripts/cif_gate.py", "--checkpoint", str(tmp_path / "absent.pth"), "--cpu"],
-                  check=False)
+    # SystemExit(message): an interpreter prints the message on stderr and exits with status 1.
+    with pytest.raises(SystemExit) as refused:
+        cif_gate.main(["--checkpoint", str(tmp_path / "plain.pth"), "--cpu"])
+    assert isinstance(refused.value.code, str) and "cif: false" in refused.value.code
+    missing = missing.result()
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import eval as evaluation
-from conftest import REPO, run
+from conftest import REPO, concurrently, run
 from dataset.semi import build_val_dataset
 from model import build_model
 from model.release import ReleaseStateError, convert_state_dict, project_name, release_state_dict
@@ -35,6 +35,16 @@ NAMES_FILE = Path(__file__).parent / "data" / "release_resnet50_names.txt"
 CONFIG = os.path.join(REPO, "configs", "pascal.yaml")
 NETWORK = ["backbone=resnet50", "pretrained=null"]
 SCRIPT = [sys.executable, "scripts/convert_release_checkpoint.py"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one CPU thread in this module, as its scripts had in the subprocesses they ran in before
+    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def release_names() -> list[tuple[str, tuple[int, ...]]]:
@@ -268,12 +278,21 @@ def test_errors_are_one_line_and_write_nothing(case, release_files, tmp_path, mo
     assert_one_line_error(case, status, stdout, stderr, source, out)
 
 
-def test_the_script_exits_with_status_2(release_files, tmp_path):
-    """The same through a real interpreter: the exit status a shell sees."""
-    source, out = tmp_path / "class_count.pth", tmp_path / "out" / "converted.pth"
+@pytest.fixture(scope="module", autouse=True)
+def script_run(release_files, tmp_path_factory):
+    """(source, out, Future of the CompletedProcess) of the script run by a real interpreter on the class_count case,
+    started with the module so that its interpreter start overlaps the tests that run in this process."""
+    folder = tmp_path_factory.mktemp("script_run")
+    source, out = folder / "class_count.pth", folder / "out" / "converted.pth"
     write_error_case("class_count", release_files[1], source)
-    result = run([*SCRIPT, str(source), str(out), "--config", CONFIG, *NETWORK, *ERROR_CASES["class_count"][1]],
-                 check=False)
+    command = [*SCRIPT, str(source), str(out), "--config", CONFIG, *NETWORK, *ERROR_CASES["class_count"][1]]
+    return source, out, concurrently({"run": lambda: run(command, check=False)})["run"]
+
+
+def test_the_script_exits_with_status_2(script_run):
+    """The same through a real interpreter: the exit status a shell sees."""
+    source, out, future = script_run
+    result = future.result()
     assert_one_line_error("class_count", result.returncode, result.stdout, result.stderr, source, out)
 
 
@@ -290,7 +309,9 @@ def assert_miou_table(stdout, out, flags):
 
 
 @pytest.mark.parametrize("flags", [[], ["--multiscale-cif"]])
-def test_a_converted_checkpoint_evaluates(converted, flags):
+def test_a_converted_checkpoint_evaluates(converted, flags, capsys):
+    """eval.py's main on the converted checkpoint, in this process (a real interpreter's eval.py is
+    test_eval_cli.py's): it returns, and prints the table of the checkpoint's own evaluation."""
     out, _ = converted
-    result = run([sys.executable, "eval.py", "--checkpoint", str(out), "--cpu", *flags])
-    assert_miou_table(result.stdout, out, flags)
+    evaluation.main(["--checkpoint", str(out), "--cpu", *flags])
+    assert_miou_table(capsys.readouterr().out, out, flags)

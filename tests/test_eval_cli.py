@@ -1,6 +1,7 @@
 """eval.py as a hostile user drives it: which checkpoint it picks and says, arguments it refuses, inputs that must
 stop in one line, and no empty output folder left by a failed start."""
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import eval as eval_cli
-from conftest import REPO
+from conftest import REPO, concurrently
 from dataset.errors import DatasetError
 from model import build_model
 from util.checkpoint import CheckpointError
@@ -17,6 +18,28 @@ from util.config import validate
 
 TINY_MODEL = {"backbone": "tv_resnet18", "pretrained": None, "cif": False, "crop_size": 32, "workers": 0,
               "amp": False, "dataset": "pascal", "nclass": 21, "split": "tiny"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one CPU thread in this module, as eval.py had in the subprocesses it ran in before
+    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torchrun_error(tmp_path_factory):
+    """(missing checkpoint, Future of the CompletedProcess) of eval.py under torchrun on two processes, given a
+    checkpoint that does not exist; started with the module so that its three interpreter starts overlap the tests
+    that run in this process."""
+    missing = tmp_path_factory.mktemp("torchrun_error") / "missing.pth"
+    command = [sys.executable, "-m", "util.launcher", "2", "eval.py", "--checkpoint", str(missing), "--cpu"]
+    return missing, concurrently({"run": lambda: subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                                                 timeout=300,
+                                                                 env=dict(os.environ, OMP_NUM_THREADS="1"))})["run"]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +57,17 @@ def save(path, state, **changes):
     return str(path)
 
 
-def run_cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+def run_main_block(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``python eval.py ARGS`` (its __main__ block, which turns the one-line errors into exit status 2) in this
+    process, to spare an interpreter and torch start: (exit status, stderr). A real interpreter's is
+    test_an_error_under_torchrun_is_printed_once's."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, args)])
+    try:
+        runpy.run_path(os.path.join(REPO, "eval.py"), run_name="__main__")
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err
 
 
 def checkpoint_line(capsys) -> str:
@@ -200,13 +230,13 @@ def test_an_unusable_save_dir_is_one_line(tiny_state, tmp_path, make_save_dir, m
         eval_cli.main(["--checkpoint", checkpoint, "--save-dir", str(save_dir), "--cpu"])
 
 
-def test_an_output_that_cannot_be_written_is_one_line_from_the_command(tiny_state, tmp_path):
+def test_an_output_that_cannot_be_written_is_one_line_from_the_command(tiny_state, tmp_path, monkeypatch, capsys):
     checkpoint = save(tmp_path / "c.pth", tiny_state)
     save_dir = tmp_path / "out"
     (save_dir / "img_009.png").mkdir(parents=True)  # in the way of the second prediction
-    result = run_cli("--checkpoint", checkpoint, "--save-dir", save_dir, "--cpu")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write {save_dir / 'img_009.png'}: Is a directory"
+    status, stderr = run_main_block(monkeypatch, capsys, "--checkpoint", checkpoint, "--save-dir", save_dir, "--cpu")
+    assert status == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"error: cannot write {save_dir / 'img_009.png'}: Is a directory"
     assert (save_dir / "img_008.png").is_file()
 
 
@@ -240,12 +270,9 @@ def test_a_broken_image_symlink_in_the_predict_dir_is_named(tmp_path):
         eval_cli.list_images(str(photos))
 
 
-def test_an_error_under_torchrun_is_printed_once(tmp_path):
-    """Before: once per process, then the launcher's own line."""
-    missing = tmp_path / "missing.pth"
-    result = subprocess.run([sys.executable, "-m", "util.launcher", "2", "eval.py", "--checkpoint", str(missing),
-                             "--cpu"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+def test_an_error_under_torchrun_is_printed_once(torchrun_error):
+    """Before: once per process, then the launcher's own line. Real interpreters: the exit status a shell sees."""
+    missing, future = torchrun_error
+    result = future.result()
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {missing}: no such checkpoint file"]

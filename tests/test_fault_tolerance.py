@@ -1,16 +1,19 @@
 """Runs survive faults: SIGKILL between a step and its checkpoint or inside a checkpoint write (of one process or
 of torchrun's two), SIGTERM, non-finite losses and models, a full disk, resuming a changed experiment."""
+import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import signal
+from functools import partial
 
 import pytest
 import torch
 
 import scalematch
-from conftest import EXACT, REPO, fault_command, run, train, train_in_process
+from conftest import EXACT, REPO, concurrently, fault_command, run, train, train_in_process
 
 
 def checkpoint_iteration(path):
@@ -20,22 +23,107 @@ def checkpoint_iteration(path):
         return -1
 
 
-def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path, reference_run):
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread in this process, as in the subprocess runs (command_env's OMP_NUM_THREADS=1); as before
+    after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_process_runs_on_one_thread():
+    """The in-process runs share the CPUs with the subprocess runs going on meanwhile: a second OpenMP thread each
+    would only contend (and spin) for them."""
+    with one_thread():
+        yield
+
+
+def start_runs(request, tmp_path_factory, calls):
+    """concurrently() the calls of the tests of request's module that this session runs, {test node name:
+    call(exp_dir)}, each with an empty exp_dir of its own (named after its test): {test node name: Future}."""
+    chosen = {item.name for item in request.session.items if item.module is request.module}
+    return concurrently({name: partial(call, tmp_path_factory.mktemp(re.sub(r"\W", "_", name)))
+                         for name, call in calls.items() if name in chosen})
+
+
+@pytest.fixture(scope="module")
+def runs(request, tiny_voc, tmp_path_factory, one_epoch_base_run):
+    """The subprocess runs of this module's tests, started at once when a test first needs one: {test node name:
+    Future of what that test checks}. A test reads its own while the others go on."""
+    def killed_twice(exp_dir):
+        """SIGKILL after step 2, then in the rerun half-way through its first checkpoint write (iteration 2's)."""
+        run_dir = exp_dir / "pascal" / "tiny" / "killed"
+        overrides = [*EXACT, "iters_per_epoch=3", "run_name=killed"]
+        first = run(fault_command(tiny_voc, exp_dir, 0, ("SIGKILL", "step:2", "self"), *overrides), check=False)
+        after_first = checkpoint_iteration(run_dir / "latest.pth")
+        second = run(fault_command(tiny_voc, exp_dir, 0, ("SIGKILL", "save:1", "self"), *overrides), check=False)
+        return (first.returncode, after_first, second.returncode, checkpoint_iteration(run_dir / "latest.pth"),
+                glob.glob(str(run_dir / ".latest.pth.*.tmp")), exp_dir)
+
+    def two_process_killed_and_resumed(exp_dir):
+        """The launcher and both workers killed after rank 0's second step, then the same command rerun."""
+        latest = exp_dir / "pascal" / "tiny" / "killed" / "latest.pth"
+        killed = run(fault_command(tiny_voc, exp_dir, 2, ("SIGKILL", "step:2", "everything"), *EXACT,
+                                   "run_name=killed"), check=False)
+        after_kill = checkpoint_iteration(latest)
+        return killed.returncode, after_kill, train(tiny_voc, exp_dir, 2, *EXACT, "run_name=killed"), latest
+
+    def preempted(exp_dir):
+        result = run(fault_command(tiny_voc, exp_dir, 0, ("SIGTERM", "step:3", "self"), "epochs=50",
+                                   "checkpoint_interval=0", "run_name=preempted"), check=False)
+        return result, exp_dir / "pascal" / "tiny" / "preempted" / "latest.pth"
+
+    def resumed_on_two_processes(exp_dir):
+        shutil.copytree(one_epoch_base_run, exp_dir, dirs_exist_ok=True)
+        return train(tiny_voc, exp_dir, 2, "epochs=2", "run_name=base", check=False), exp_dir
+
+    return start_runs(request, tmp_path_factory, {
+        "test_run_killed_twice_ends_identical_to_uninterrupted": killed_twice,
+        "test_two_process_run_killed_ends_identical_to_uninterrupted": two_process_killed_and_resumed,
+        "test_sigterm_writes_a_checkpoint_before_exiting": preempted,
+        "test_resume_on_another_number_of_processes_is_refused": resumed_on_two_processes})
+
+
+@contextlib.contextmanager
+def computing_as_a_subprocess():
+    """In-process EXACT runs compute bit for bit what a subprocess run computes: on one thread, as command_env's
+    OMP_NUM_THREADS=1 makes it. The deterministic mode such a run turns on is turned back after."""
+    benchmark = torch.backends.cudnn.benchmark
+    deterministic, warn_only = (torch.are_deterministic_algorithms_enabled(),
+                                torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        with one_thread():
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path, runs, request, capsys):
     """SIGKILL between a step and its checkpoint, then half-way through a checkpoint write: the rerun resumes from
-    the checkpoint before each, removes the torn temporary, and ends bit-identical to the uninterrupted run."""
-    run_dir = tmp_path / "pascal" / "tiny" / "killed"
+    the checkpoint before each, removes the torn temporary, and ends bit-identical to the uninterrupted run. The
+    killed runs are processes of their own; the uninterrupted run and the rerun, in this one, meanwhile."""
+    with computing_as_a_subprocess():
+        assert train_in_process(tiny_voc, tmp_path, *EXACT, "iters_per_epoch=3", "run_name=straight") == 0
+    straight = torch.load(tmp_path / "pascal" / "tiny" / "straight" / "latest.pth", weights_only=True)
+    first, after_first, second, after_second, temporaries, exp_dir = runs[request.node.name].result()
+    assert first == -signal.SIGKILL and after_first == 1
+    assert second == -signal.SIGKILL and after_second == 1
+    assert len(temporaries) == 1
+    run_dir = exp_dir / "pascal" / "tiny" / "killed"
     latest = run_dir / "latest.pth"
-    overrides = [*EXACT, "iters_per_epoch=3", "run_name=killed"]
-    killed = run(fault_command(tiny_voc, tmp_path, 0, ("SIGKILL", "step:2", "self"), *overrides), check=False)
-    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
-    killed = run(fault_command(tiny_voc, tmp_path, 0, ("SIGKILL", "save:1", "self"), *overrides), check=False)
-    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
-    assert len(glob.glob(str(run_dir / ".latest.pth.*.tmp"))) == 1
-    resumed = train(tiny_voc, tmp_path, 0, *overrides)
-    assert f"resumed from {latest}" in resumed.stdout + resumed.stderr
+    capsys.readouterr()
+    with computing_as_a_subprocess():
+        assert train_in_process(tiny_voc, exp_dir, *EXACT, "iters_per_epoch=3", "run_name=killed") == 0
+    resumed = capsys.readouterr()
+    assert f"resumed from {latest}" in resumed.out + resumed.err
     assert not glob.glob(str(run_dir / ".*.tmp"))
 
-    straight = reference_run
     killed = torch.load(latest, weights_only=True)
     assert killed["iteration"] == straight["iteration"] == 6
     assert straight["model"].keys() == killed["model"].keys()
@@ -58,18 +146,16 @@ def differing_tensors(a, b):
     return [name for name, x, y in pairs if not torch.equal(x, y)]
 
 
-def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_path, two_process_reference_run):
+def test_two_process_run_killed_ends_identical_to_uninterrupted(runs, request):
     """Each rank restores its own random states and (on CPU, where BatchNorm is per process) statistics: before, rank
     1 took rank 0's, and 191 of 227 model tensors ended different. Killed here: the launcher and both workers,
     after rank 0's second step."""
-    latest = tmp_path / "pascal" / "tiny" / "killed" / "latest.pth"
-    killed = run(fault_command(tiny_voc, tmp_path, 2, ("SIGKILL", "step:2", "everything"), *EXACT,
-                               "run_name=killed"), check=False)
-    assert killed.returncode == -signal.SIGKILL and checkpoint_iteration(latest) == 1
-    resumed = train(tiny_voc, tmp_path, 2, *EXACT, "run_name=killed")
+    # The shared uninterrupted run is asked for here, not as an argument, so that it runs while the killed one does.
+    straight = request.getfixturevalue("two_process_reference_run")
+    killed_code, after_kill, resumed, latest = runs[request.node.name].result()
+    assert killed_code == -signal.SIGKILL and after_kill == 1
     assert f"resumed from {latest}" in resumed.stdout
 
-    straight = two_process_reference_run
     killed = torch.load(latest, weights_only=True)
     assert killed["iteration"] == straight["iteration"] == 4
     assert len(straight["processes"]) == 2
@@ -78,12 +164,10 @@ def test_two_process_run_killed_ends_identical_to_uninterrupted(tiny_voc, tmp_pa
     assert straight["best_miou"] == killed["best_miou"]
 
 
-def test_sigterm_writes_a_checkpoint_before_exiting(tiny_voc, tmp_path):
+def test_sigterm_writes_a_checkpoint_before_exiting(runs, request):
     """SIGTERM after step 3 (the first of epoch 1): step 4 ends the epoch's training, its checkpoint is written,
     and the run exits before evaluating."""
-    latest = tmp_path / "pascal" / "tiny" / "preempted" / "latest.pth"
-    result = run(fault_command(tiny_voc, tmp_path, 0, ("SIGTERM", "step:3", "self"), "epochs=50",
-                               "checkpoint_interval=0", "run_name=preempted"), check=False)
+    result, latest = runs[request.node.name].result()
     assert result.returncode == 143
     assert result.stderr.strip().splitlines()[-1] == ("SIGTERM: checkpoint written at iteration 4; rerun the same "
                                                       "command to resume")
@@ -159,12 +243,12 @@ def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc
             in capsys.readouterr().out)
 
 
-def test_resume_on_another_number_of_processes_is_refused(tiny_voc, tmp_path, one_epoch_base_run):
-    shutil.copytree(one_epoch_base_run, tmp_path, dirs_exist_ok=True)
-    refused = train(tiny_voc, tmp_path, 2, "epochs=2", "run_name=base", check=False)
+def test_resume_on_another_number_of_processes_is_refused(runs, request):
+    """A copy of one_epoch_base_run, trained by one process, rerun under torchrun on two."""
+    refused, exp_dir = runs[request.node.name].result()
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
-        f"error: {tmp_path}/pascal/tiny/base/latest.pth: refusing to resume: it was trained by 1 process(es), now 2; "
+        f"error: {exp_dir}/pascal/tiny/base/latest.pth: refusing to resume: it was trained by 1 process(es), now 2; "
         "rerun it with NGPUS 1 (the batch is per process)"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, command_env
+from conftest import REPO, command_env, concurrently
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import gpu_check  # noqa: E402
@@ -25,11 +25,14 @@ def gpu_check_command(*args: str, hide_gpu: bool = True) -> subprocess.Completed
                           timeout=120)
 
 
-def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(monkeypatch, tmp_path, capsys):
+    """Without a GPU: one line on stdout, exit status 0, no output folder. In this process (gpu_rows asks torch,
+    told that no GPU is visible); the real interpreter's exit status through gpu_check.sh with the GPU hidden is
+    test_require_gpu_without_a_gpu_exits_1_with_a_report's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "gpu_check"
-    result = gpu_check_command("--out", str(out), "--parts", "tests,memory")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    assert gpu_check.main(["--out", str(out), "--parts", "tests,memory"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
         "gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is false), so nothing was run"]
     assert not out.exists()
 
@@ -110,7 +113,8 @@ def stand_in_run(monkeypatch, budget_s: float, limits: dict | None = None) -> No
 
 
 def test_a_run_reports_every_part_and_exits_1_when_one_failed(monkeypatch, tmp_path, capsys):
-    stand_in_run(monkeypatch, budget_s=8)
+    # 3 s: time for the three quick stand-ins; what is left is the stalling eval's limit, then none for wkv.
+    stand_in_run(monkeypatch, budget_s=3)
     out = tmp_path / "new" / "gpu_check"
     assert gpu_check.main(["--out", str(out)]) == 1
     report = (out / "report.md").read_text()
@@ -143,14 +147,15 @@ def test_a_run_reports_every_part_and_exits_1_when_one_failed(monkeypatch, tmp_p
 
 
 def test_a_stalled_part_leaves_the_later_parts_their_time(monkeypatch, tmp_path):
-    stand_in_run(monkeypatch, budget_s=60, limits={"tests": 5, "memory": 5, "step": 5, "eval": 2, "wkv": 5})
+    # Each stalling part is stopped at its own limit (2 s, 1 s), well within the budget: wkv still runs.
+    stand_in_run(monkeypatch, budget_s=60, limits={"tests": 2, "memory": 5, "step": 5, "eval": 1, "wkv": 5})
     monkeypatch.setitem(STAND_INS, "tests", ("stalls", ["-c", "import time; time.sleep(60)"]))
     start = time.monotonic()
     assert gpu_check.main(["--out", str(tmp_path), "--parts", "tests,eval,wkv"]) == 1
     assert time.monotonic() - start < 30
     rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "report.md").read_text().splitlines()
             if line.startswith("| ")}
-    assert "stopped at its limit of 5 s" in rows["tests"] and "stopped at its limit of 2 s" in rows["eval"]
+    assert "stopped at its limit of 2 s" in rows["tests"] and "stopped at its limit of 1 s" in rows["eval"]
     assert "| wkv | bi_wkv | passed |" in rows["wkv"]
 
 
@@ -167,6 +172,7 @@ KILLED_RUN = """
 import sys
 sys.path.insert(0, "scripts")
 import gpu_check
+gpu_check.MODULES = []  # the package check is the other tests'; its imports (torch...) would take seconds here
 gpu_check.PARTS = {{"memory": ("passes", ["-c", "print('first part done')"]),
                    "step": ("stalls", ["-c", "print('second part started', flush=True); import time; time.sleep(60)"])}}
 gpu_check.gpu_rows = lambda: [["GPU", "Stand-in GPU"]]
@@ -200,8 +206,18 @@ def test_a_run_killed_mid_way_leaves_a_readable_report_of_the_parts_it_finished(
     assert not list(out.glob(".*.tmp"))
 
 
-def test_require_gpu_without_a_gpu_exits_1_with_a_report(tmp_path):
-    result = gpu_check_command("--out", str(tmp_path), "--require-gpu")
+@pytest.fixture(scope="module", autouse=True)
+def require_gpu_run(tmp_path_factory):
+    """(output folder, Future of the CompletedProcess) of ``bash scripts/gpu_check.sh --require-gpu`` with the GPU
+    hidden, started with the module: its seconds of imports overlap the tests that wait on stand-in parts."""
+    out = tmp_path_factory.mktemp("require_gpu")
+    return out, concurrently({"run": lambda: gpu_check_command("--out", str(out), "--require-gpu")})["run"]
+
+
+def test_require_gpu_without_a_gpu_exits_1_with_a_report(require_gpu_run):
+    """The script through gpu_check.sh in a real interpreter that sees no GPU: exit status 1, one line on stderr."""
+    tmp_path, future = require_gpu_run
+    result = future.result()
     assert result.returncode == 1
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("gpu_check: no CUDA GPU is visible")

@@ -1,6 +1,6 @@
 """eval.py --predict-dir on a folder of images without masks, and --overlays in evaluation mode."""
 import os
-import subprocess
+import runpy
 import sys
 
 import numpy as np
@@ -19,10 +19,31 @@ TINY_MODEL = {"backbone": "tv_resnet18", "pretrained": None, "cif": True, "cif_c
               "crop_size": 32, "workers": 0, "amp": False}
 
 
-def run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one CPU thread in this module, as its scripts had in the subprocesses they ran in before
+    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """run(*ARGS): ``python eval.py ARGS`` (its __main__ block, which turns the one-line errors into exit status 2)
+    in this process, to spare an interpreter and torch start: (exit status, stdout, stderr). A real interpreter's
+    eval.py is test_eval_cli.py's test_an_error_under_torchrun_is_printed_once."""
+    def run_eval(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, args)])
+        try:
+            runpy.run_path(os.path.join(REPO, "eval.py"), run_name="__main__")
+            status = 0
+        except SystemExit as stop:
+            status = stop.code
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+    return run_eval
 
 
 def save_tiny_checkpoint(path, **config):
@@ -64,13 +85,14 @@ def assert_prediction_panel_matches_png(overlay, image_path, png_path):
     assert np.abs(overlay[:height, :width] - image).max() <= 1
 
 
-def test_predict_dir_writes_palette_pngs_and_two_panel_overlays(synthetic_checkpoint, tmp_path):
+def test_predict_dir_writes_palette_pngs_and_two_panel_overlays(synthetic_checkpoint, tmp_path, run):
     images = write_images(tmp_path / "photos", ["a.jpg", "b.JPEG", "c.png"])
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    result = run("--checkpoint", synthetic_checkpoint, "--predict-dir", images, "--save-dir", out, "--cpu")
-    assert result.returncode == 0, result.stderr
-    assert "wrote 3 predictions" in result.stdout
+    status, stdout, stderr = run("--checkpoint", synthetic_checkpoint, "--predict-dir", images, "--save-dir", out,
+                                 "--cpu")
+    assert status == 0, stderr
+    assert "wrote 3 predictions" in stdout
     assert sorted(os.listdir(out)) == ["a.png", "a_overlay.png", "b.png", "b_overlay.png", "c.png", "c_overlay.png"]
     with Image.open(out / "a.png") as saved:
         assert saved.mode == "P" and saved.size == (48, 40)
@@ -81,7 +103,7 @@ def test_predict_dir_writes_palette_pngs_and_two_panel_overlays(synthetic_checkp
     assert_prediction_panel_matches_png(rgb(out / "c_overlay.png"), images / "c.png", out / "c.png")
 
 
-def test_predict_dir_multiscale_cif_sliding_window_with_masks(synthetic_checkpoint, tmp_path):
+def test_predict_dir_multiscale_cif_sliding_window_with_masks(synthetic_checkpoint, tmp_path, run):
     images = write_images(tmp_path / "photos", ["x.png", "y.png"])
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -90,10 +112,10 @@ def test_predict_dir_multiscale_cif_sliding_window_with_masks(synthetic_checkpoi
     truth[0, :] = 255
     Image.fromarray(truth).save(masks / "x.png")
     out = tmp_path / "out"
-    result = run("--checkpoint", synthetic_checkpoint, "--predict-dir", images, "--save-dir", out, "--cpu",
-                 "--multiscale-cif", "--mode", "sliding_window", "--mask-dir", masks)
-    assert result.returncode == 0, result.stderr
-    assert "mode sliding_window" in result.stdout
+    status, stdout, stderr = run("--checkpoint", synthetic_checkpoint, "--predict-dir", images, "--save-dir", out,
+                                 "--cpu", "--multiscale-cif", "--mode", "sliding_window", "--mask-dir", masks)
+    assert status == 0, stderr
+    assert "mode sliding_window" in stdout
     with_truth, without_truth = rgb(out / "x_overlay.png"), rgb(out / "y_overlay.png")
     assert with_truth.shape[1] == 3 * 48 and without_truth.shape[1] == 2 * 48
     expected_truth = (rgb(images / "x.png") + colourize(truth, palette("synthetic"))) / 2
@@ -101,15 +123,16 @@ def test_predict_dir_multiscale_cif_sliding_window_with_masks(synthetic_checkpoi
     assert_prediction_panel_matches_png(with_truth, images / "x.png", out / "x.png")
 
 
-def test_unreadable_image_is_a_one_line_error_and_keeps_earlier_outputs(synthetic_checkpoint, tmp_path):
+def test_unreadable_image_is_a_one_line_error_and_keeps_earlier_outputs(synthetic_checkpoint, tmp_path, run):
     images = write_images(tmp_path / "photos", ["a.jpg", "c.jpg"])
     (images / "b.jpg").write_bytes(b"\xff\xd8 this is no jpeg")
     out = tmp_path / "out"
-    result = run("--checkpoint", synthetic_checkpoint, "--predict-dir", images, "--save-dir", out, "--cpu")
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in result.stderr
+    status, stdout, stderr = run("--checkpoint", synthetic_checkpoint, "--predict-dir", images, "--save-dir", out,
+                                 "--cpu")
+    assert status == 2
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0] == stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr
     assert errors[0].startswith("error: cannot read image") and "b.jpg" in errors[0]
     assert sorted(os.listdir(out)) == ["a.png", "a_overlay.png"]
 
@@ -144,14 +167,14 @@ def test_predict_argument_errors_are_one_line(tmp_path, extra, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_overlays_show_image_prediction_and_ground_truth(tiny_voc, tmp_path):
+def test_eval_overlays_show_image_prediction_and_ground_truth(tiny_voc, tmp_path, run):
     data_root, splits_dir = tiny_voc
     checkpoint = save_tiny_checkpoint(tmp_path / "voc.pth", dataset="pascal", nclass=21, data_root=data_root,
                                       splits_dir=splits_dir, split="tiny", cif=False)
     out = tmp_path / "out"
-    result = run("--checkpoint", checkpoint, "--save-dir", out, "--overlays", "--cpu")
-    assert result.returncode == 0, result.stderr
-    assert "mIoU" in result.stdout
+    status, stdout, stderr = run("--checkpoint", checkpoint, "--save-dir", out, "--overlays", "--cpu")
+    assert status == 0, stderr
+    assert "mIoU" in stdout
     names = [f"img_{i:03d}" for i in range(8, 12)]
     assert sorted(os.listdir(out)) == sorted([f"{n}.png" for n in names] + [f"{n}_overlay.png" for n in names])
     overlay = rgb(out / "img_008_overlay.png")

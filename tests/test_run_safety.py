@@ -13,9 +13,8 @@ import pytest
 import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
-import scalematch
-from conftest import REPO, command_env, fault_command, run, train, train_command, train_in_process, write_tiny_voc
-from test_fault_tolerance import checkpoint_iteration
+from conftest import REPO, command_env, fault_command, run, train, train_in_process, write_tiny_voc
+from test_fault_tolerance import checkpoint_iteration, one_thread, start_runs
 from util.config import ConfigError, check_batch_size, without_idle_cif
 from util.events import RunEvents
 from util.logging import setup_logger
@@ -58,37 +57,6 @@ def stopped(process):
         time.sleep(0.05)
 
 
-def test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over(tiny_voc, tmp_path):
-    """Before, two launches of one command both trained, overwriting each other's checkpoints and train.log."""
-    run_dir = os.path.join(tmp_path, "pascal", "tiny", "locked")
-    command = train_command(tiny_voc, tmp_path, 0, "epochs=50", "image_log_interval=0", "run_name=locked")
-    first = subprocess.Popen(fault_command(tiny_voc, tmp_path, 0, ("SIGSTOP", "step:3", "self"), "epochs=50",
-                                           "image_log_interval=0", "run_name=locked"),
-                             cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        stopped(first)  # after step 3, holding the lock, latest.pth at iteration 2 (the end of epoch 0)
-        assert checkpoint_iteration(os.path.join(run_dir, "latest.pth")) == 2
-        log_before = open(os.path.join(run_dir, "train.log")).read()
-        second = subprocess.run(command, cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
-        assert second.returncode == 2
-        assert second.stderr.strip().splitlines() == [
-            f"error: {run_dir} is in use by process {first.pid} on {socket.gethostname()} (see its run.lock): wait "
-            "for that run to end, or give this one another run_name"]
-        assert open(os.path.join(run_dir, "train.log")).read() == log_before
-    finally:
-        first.kill()
-        first.wait()
-    # A save killed mid-write leaves its temporary behind; the next start removes it.
-    stale = os.path.join(run_dir, f".latest.pth.{first.pid}.tmp")
-    open(stale, "wb").write(b"x" * 1000)
-    train(tiny_voc, tmp_path, 0, "epochs=1", "run_name=locked")
-    log = open(os.path.join(run_dir, "train.log")).read()
-    owner = f"process {first.pid} on {socket.gethostname()}"
-    assert f"took over {run_dir}/run.lock from {owner}, which no longer runs" in log
-    assert f"removed .latest.pth.{first.pid}.tmp, left by a save that was killed" in log
-    assert not os.path.exists(stale)
-
-
 def two_process_run(tiny_voc, exp_dir, fault, *overrides):
     """A 2-process run (2 iterations an epoch) with ``fault`` sent by rank 0 from inside; (result, latest.pth)."""
     result = run(fault_command(tiny_voc, exp_dir, 2, fault, "epochs=50", "checkpoint_interval=0",
@@ -110,13 +78,105 @@ def running_with(marker):
     return pids
 
 
+@pytest.fixture(scope="module", autouse=True)
+def in_process_runs_on_one_thread():
+    """The in-process runs share the CPUs with the subprocess runs going on meanwhile: a second OpenMP thread each
+    would only contend (and spin) for them."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(request, tiny_voc, tmp_path_factory):
+    """The subprocess runs of this module's tests, started at once when a test first needs one, each in an exp_dir
+    of its own: {test node name: Future of what that test checks}. A test reads its own while the others go on."""
+    held = []  # the SIGSTOPped run, ended here if its test could not end it
+
+    def held_at_step_3(exp_dir):
+        process = subprocess.Popen(
+            fault_command(tiny_voc, exp_dir, 0, ("SIGSTOP", "step:3", "self"), "epochs=50", "image_log_interval=0",
+                          "run_name=locked"), cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        held.append(process)
+        stopped(process)
+        return process, exp_dir
+
+    def launcher_killed(exp_dir):
+        result, latest = two_process_run(tiny_voc, exp_dir, ("SIGKILL", "step:3", "launcher"))
+        return result, latest, running_with(str(exp_dir))  # at once: whatever outlived the run is running now
+
+    def one_process_failing(exp_dir):
+        data_root, splits_dir = write_tiny_voc(exp_dir / "data")
+        broken = os.path.join(data_root, "JPEGImages", "img_001.jpg")
+        with open(broken, "wb") as image:
+            image.write(b"not a jpeg")  # a failure of whichever process reads it
+        return train((data_root, splits_dir), exp_dir / "exp", 2, "epochs=1", check=False), broken
+
+    def interrupted(exp_dir, moment):
+        result = run(fault_command(tiny_voc, exp_dir, 0, ("SIGINT", moment, "self"), "epochs=50",
+                                   "checkpoint_interval=1", "image_log_interval=0", "run_name=interrupted"),
+                     check=False)
+        return result, os.path.join(exp_dir, "pascal", "tiny", "interrupted", "latest.pth")
+
+    def supervised(exp_dir):
+        train(tiny_voc, exp_dir, 2, "epochs=1", "train_mode=supervised", "run_name=supervised")
+        return os.path.join(exp_dir, "pascal", "tiny", "supervised")
+
+    sigterm = "test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line"
+    ctrl_c = "test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint"
+    calls = {
+        "test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over": held_at_step_3,
+        **{f"{sigterm}[{receivers}]": lambda exp_dir, receivers=receivers: two_process_run(
+            tiny_voc, exp_dir, ("SIGTERM", "step:3", receivers), "workers=1") for receivers in ("launcher", "workers")},
+        "test_a_killed_torchrun_launcher_leaves_no_worker_training": launcher_killed,
+        **{f"{ctrl_c}[{moment}]": lambda exp_dir, moment=moment: interrupted(exp_dir, moment)
+           for moment in ("step:2", "save:2")},
+        "test_a_start_up_error_under_torchrun_is_printed_once": lambda exp_dir: train(tiny_voc, exp_dir, 2,
+                                                                                      "lrr=0.1", check=False),
+        "test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks": one_process_failing,
+        "test_supervised_only_trains_under_torchrun_without_a_cif": supervised}
+    yield start_runs(request, tmp_path_factory, calls)
+    for process in held:
+        process.kill()
+        process.wait()
+
+
+def test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over(tiny_voc, runs, request,
+                                                                                         capsys):
+    """Before, two launches of one command both trained, overwriting each other's checkpoints and train.log. The
+    first launch is another process, held (SIGSTOP) after step 3 with the lock; the second is this one."""
+    first, exp_dir = runs[request.node.name].result()
+    run_dir = os.path.join(exp_dir, "pascal", "tiny", "locked")
+    try:
+        assert checkpoint_iteration(os.path.join(run_dir, "latest.pth")) == 2  # the end of epoch 0
+        log_before = open(os.path.join(run_dir, "train.log")).read()
+        capsys.readouterr()
+        assert train_in_process(tiny_voc, exp_dir, "epochs=50", "image_log_interval=0", "run_name=locked") == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: {run_dir} is in use by process {first.pid} on {socket.gethostname()} (see its run.lock): wait "
+            "for that run to end, or give this one another run_name"]
+        assert open(os.path.join(run_dir, "train.log")).read() == log_before
+    finally:
+        first.kill()
+        first.wait()
+    # A save killed mid-write leaves its temporary behind; the next start removes it.
+    stale = os.path.join(run_dir, f".latest.pth.{first.pid}.tmp")
+    open(stale, "wb").write(b"x" * 1000)
+    assert train_in_process(tiny_voc, exp_dir, "epochs=1", "run_name=locked") == 0
+    log = open(os.path.join(run_dir, "train.log")).read()
+    owner = f"process {first.pid} on {socket.gethostname()}"
+    assert f"took over {run_dir}/run.lock from {owner}, which no longer runs" in log
+    assert f"removed .latest.pth.{first.pid}.tmp, left by a save that was killed" in log
+    assert not os.path.exists(stale)
+
+
 @pytest.mark.parametrize("receivers", ["launcher", "workers"])
-def test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line(tiny_voc, tmp_path, receivers):
+def test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line(runs, request, receivers):
     """Before: exit 1 and a SignalException traceback. The agent signals each worker's process group, data loader
     workers included: they must leave the stop to their process (before, they died and failed its step). A
     scheduler may signal the workers themselves instead of the launcher. Sent after step 3, the first of epoch 1:
     the workers, signalled at once, stop after step 4; the launcher passes it on when its monitor next looks."""
-    result, latest = two_process_run(tiny_voc, tmp_path, ("SIGTERM", "step:3", receivers), "workers=1")
+    result, latest = runs[request.node.name].result()
     assert result.returncode == 143
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -127,24 +187,22 @@ def test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line(tiny_voc, 
     assert written == 4 if receivers == "workers" else written >= 4
 
 
-def test_a_killed_torchrun_launcher_leaves_no_worker_training(tiny_voc, tmp_path):
+def test_a_killed_torchrun_launcher_leaves_no_worker_training(runs, request):
     """torchrun starts its workers in sessions of their own: before, a SIGKILL of the launcher left them training
     and writing. Now they notice, checkpoint and stop."""
-    result, latest = two_process_run(tiny_voc, tmp_path, ("SIGKILL", "step:3", "launcher"))
+    result, latest, left_running = runs[request.node.name].result()
     assert result.returncode == -signal.SIGKILL  # run() returns once the workers, which hold its pipes, have ended
-    assert running_with(str(tmp_path)) == []
+    assert left_running == []  # looked at as soon as run() returned
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("the torchrun launcher ended: checkpoint written at iteration ")
     assert checkpoint_iteration(latest) == int(last.split("iteration ")[1].split(";")[0]) >= 4
 
 
 @pytest.mark.parametrize("moment", ["step:2", "save:2"])
-def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(tiny_voc, tmp_path, moment):
+def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(runs, request, moment):
     """Before: a KeyboardInterrupt traceback. Sent after step 2, or inside the second checkpoint write (the first
     is iteration 1's), where torch.save turned it into a RuntimeError and a traceback (exit 1)."""
-    latest = os.path.join(tmp_path, "pascal", "tiny", "interrupted", "latest.pth")
-    result = run(fault_command(tiny_voc, tmp_path, 0, ("SIGINT", moment, "self"), "epochs=50", "checkpoint_interval=1",
-                               "image_log_interval=0", "run_name=interrupted"), check=False)
+    result, latest = runs[request.node.name].result()
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("interrupted: the last checkpoint is left as it was; rerun the "
                                                       "same command to resume")
@@ -152,36 +210,27 @@ def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(tiny_voc, tmp_path, 
     assert not [name for name in os.listdir(os.path.dirname(latest)) if name.endswith(".tmp")]
 
 
-def test_a_start_up_error_under_torchrun_is_printed_once(tiny_voc, tmp_path):
+def test_a_start_up_error_under_torchrun_is_printed_once(runs, request):
     """Before: once per process, then torchrun's ChildFailedError traceback and table."""
-    result = train(tiny_voc, tmp_path, 2, "lrr=0.1", check=False)
+    result = runs[request.node.name].result()
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: command line: unknown key 'lrr' (did you mean 'lr'?)"]
 
 
-@pytest.fixture
-def voc_with_a_broken_image(tmp_path):
-    """tiny_voc's layout with one labeled image that cannot be decoded: a failure of whichever process reads it."""
-    data_root, splits_dir = write_tiny_voc(tmp_path)
-    (tmp_path / "VOC" / "JPEGImages" / "img_001.jpg").write_bytes(b"not a jpeg")
-    return data_root, splits_dir
-
-
-def test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks(voc_with_a_broken_image, tmp_path):
-    """The other process's collective fails when the first ends; the launcher prints the cause, not that."""
-    result = train(voc_with_a_broken_image, tmp_path / "exp", 2, "epochs=1", check=False)
+def test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks(runs, request):
+    """The other process's collective fails when the first ends; the launcher prints the cause, not that. The data
+    is tiny_voc's layout with one labeled image that cannot be decoded."""
+    result, broken = runs[request.node.name].result()
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    broken = os.path.join(voc_with_a_broken_image[0], "JPEGImages", "img_001.jpg")
     assert result.stderr.strip().splitlines()[-1] == f"error: cannot read image {broken}: not an image PIL can read"
 
 
-def test_supervised_only_trains_under_torchrun_without_a_cif(tiny_voc, tmp_path):
+def test_supervised_only_trains_under_torchrun_without_a_cif(runs, request):
     """Before: the CIF was built but unused, and DDP refused the second iteration."""
-    train(tiny_voc, tmp_path, 2, "epochs=2", "train_mode=supervised", "run_name=supervised")
-    run_dir = os.path.join(tmp_path, "pascal", "tiny", "supervised")
+    run_dir = runs[request.node.name].result()
     state = torch.load(os.path.join(run_dir, "latest.pth"), weights_only=True)
-    assert state["iteration"] == 4
+    assert state["iteration"] == 2
     assert not any(name.startswith("cif.") for name in state["model"])
     assert state["config"]["cif"] is False and state["config"]["fusion"] == "none"
     assert "cif: false, since with train_mode supervised nothing would train it" in open(

@@ -1,17 +1,30 @@
 """scripts/study.py records each finished run as one CSV row and builds its report from the CSV alone; no training
 here: where a test reaches the training step, its override (not_a_key=1) makes train.sh fail at once."""
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, run
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import study  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one CPU thread in this module, as eval.py had in the subprocesses it ran in before
+    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def row(name, seed, miou, run_study="s1", overrides="epochs=2", **figures):
@@ -48,11 +61,12 @@ def write_study_csv(csv_path):
     study.append_row(str(csv_path), row("fixmatch", 0, 40.0, run_study="s2", overrides="epochs=9"))
 
 
-def test_report_from_the_csv_alone(tmp_path):
+def test_report_from_the_csv_alone(tmp_path, capsys):
+    """The report study.py's main writes from the CSV alone (in this process: what it computes, not how it exits)."""
     csv_path, out = tmp_path / "runs.csv", tmp_path / "report.md"
     write_study_csv(csv_path)
-    result = run([sys.executable, "scripts/study.py", "--report-only", "--csv", str(csv_path), "--out", str(out),
-                  "--note", "Runs of commit abc."])
+    study.main(["--report-only", "--csv", str(csv_path), "--out", str(out), "--note", "Runs of commit abc."])
+    stdout = capsys.readouterr().out
     report = out.read_text()
     assert report.splitlines()[2] == "Runs of commit abc."
     assert report.index("## Study s1") < report.index("## Study s2")  # the CSV's order
@@ -90,11 +104,10 @@ def test_report_from_the_csv_alone(tmp_path):
     assert tables(report, "s1", "Fig. 5") == {"1x": ["11.0", "21.0"]}
     if importlib.util.find_spec("matplotlib") is None:
         # The documented fallback; the plots themselves are test_plots_beside_the_report's.
-        assert "matplotlib not installed: no plots" in result.stdout and "![" not in report
+        assert "matplotlib not installed: no plots" in stdout and "![" not in report
 
     only_s2 = tmp_path / "s2.md"
-    run([sys.executable, "scripts/study.py", "--report-only", "--csv", str(csv_path), "--out", str(only_s2),
-         "--studies", "s2"])
+    study.main(["--report-only", "--csv", str(csv_path), "--out", str(only_s2), "--studies", "s2"])
     assert "## Study s2" in only_s2.read_text() and "## Study s1" not in only_s2.read_text()
 
 
@@ -126,14 +139,14 @@ def test_append_keeps_earlier_rows_byte_identical(tmp_path):
         study.read_rows(csv_path)
 
 
-def test_a_recorded_run_is_not_trained_again(tmp_path):
+def test_a_recorded_run_is_not_trained_again(tmp_path, capsys):
+    """In this process: had main reached the training, train.sh would have failed on not_a_key=1 (SystemExit)."""
     csv_path, exp_dir = tmp_path / "runs.csv", tmp_path / "exp"
     study.append_row(str(csv_path), row("scalematch", 0, 35.0, overrides="not_a_key=1"))
     before = csv_path.read_bytes()
-    result = run([sys.executable, "scripts/study.py", "--study", "s1", "--runs", "scalematch", "--seeds", "0",
-                  "--csv", str(csv_path), "--exp-dir", str(exp_dir), "--out", str(tmp_path / "report.md"),
-                  "not_a_key=1"])
-    assert "scalematch seed 0: recorded" in result.stdout
+    study.main(["--study", "s1", "--runs", "scalematch", "--seeds", "0", "--csv", str(csv_path), "--exp-dir",
+                str(exp_dir), "--out", str(tmp_path / "report.md"), "not_a_key=1"])
+    assert "scalematch seed 0: recorded" in capsys.readouterr().out
     assert csv_path.read_bytes() == before and not exp_dir.exists()
 
 
@@ -157,16 +170,24 @@ def test_a_run_recorded_by_another_study_process_meanwhile_is_skipped(tmp_path, 
 
 
 def test_a_name_recorded_with_other_overrides_is_refused(tmp_path):
+    """The recorded key itself through a real interpreter (exit status, one line on stderr); a new seed of another
+    run of the same study through main in this process: both would mix two experiments."""
     csv_path, exp_dir = tmp_path / "runs.csv", tmp_path / "exp"
     study.append_row(str(csv_path), row("scalematch", 0, 35.0, overrides="epochs=2"))
     before = csv_path.read_bytes()
-    # The recorded key itself, and a new seed of another run of the same study: both would mix two experiments.
-    for runs_and_seeds in (["--runs", "scalematch", "--seeds", "0"], ["--runs", "fixmatch", "--seeds", "1"]):
-        refused = run([sys.executable, "scripts/study.py", "--study", "s1", *runs_and_seeds, "--csv", str(csv_path),
-                       "--exp-dir", str(exp_dir), "not_a_key=1"], check=False)
-        assert refused.returncode != 0 and len(refused.stderr.splitlines()) == 1
-        assert refused.stderr.startswith(f"error: {csv_path} records s1/scalematch seed 0 ")
-        assert "'epochs=2'" in refused.stderr and "'not_a_key=1'" in refused.stderr
+    refused = run([sys.executable, "scripts/study.py", "--study", "s1", "--runs", "scalematch", "--seeds", "0",
+                   "--csv", str(csv_path), "--exp-dir", str(exp_dir), "not_a_key=1"], check=False)
+    assert refused.returncode != 0 and len(refused.stderr.splitlines()) == 1
+    errors = [refused.stderr]
+    # SystemExit(message): an interpreter prints the message on stderr and exits with status 1.
+    with pytest.raises(SystemExit) as other_seed:
+        study.main(["--study", "s1", "--runs", "fixmatch", "--seeds", "1", "--csv", str(csv_path), "--exp-dir",
+                    str(exp_dir), "not_a_key=1"])
+    assert isinstance(other_seed.value.code, str) and len(other_seed.value.code.splitlines()) == 1
+    errors.append(other_seed.value.code)
+    for error in errors:
+        assert error.startswith(f"error: {csv_path} records s1/scalematch seed 0 ")
+        assert "'epochs=2'" in error and "'not_a_key=1'" in error
     assert csv_path.read_bytes() == before and not exp_dir.exists()
 
 
@@ -200,11 +221,22 @@ def test_pseudo_label_curves_come_from_results_json_in_epoch_order():
     assert study.pseudo_label_curves(results) == {"1x": [10.0, 12.0, 14.0], "cif": [11.5, 15.0]}
 
 
-def test_evaluate_run_reads_results_json_and_eval_json(tiny_voc, tmp_path):
-    """A finished run's figure columns, through the real eval.py on a tiny untrained model. Supervised: it never
-    trains its gate, so eval.py runs once (--scales) and the gate columns stay empty (test_cif_gate.py reads
-    scripts/cif_gate.py's real --json output with study.gate_columns)."""
-    import torch
+def eval_main_output(command: list[str]) -> str:
+    """study.command_output of ``python eval.py ARGS``, as eval.py's main run in this process (an interpreter's
+    start spared; a real interpreter's eval.py is test_eval_cli.py's): its output; an error propagates."""
+    import eval as eval_cli
+
+    assert command[:2] == [sys.executable, "eval.py"], command
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        eval_cli.main(command[2:])
+    return out.getvalue()
+
+
+def test_evaluate_run_reads_results_json_and_eval_json(tiny_voc, tmp_path, monkeypatch):
+    """A finished run's figure columns, through eval.py's main with the arguments study.py passes, on a tiny untrained
+    model. Supervised: it never trains its gate, so eval.py runs once (--scales) and the gate columns stay empty
+    (test_cif_gate.py reads scripts/cif_gate.py's real --json output with study.gate_columns)."""
     import yaml
 
     from model import build_model
@@ -227,6 +259,7 @@ def test_evaluate_run_reads_results_json_and_eval_json(tiny_voc, tmp_path):
         study.evaluate_run(str(tmp_path))
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "epoch": 1}, tmp_path / "latest.pth")
+    monkeypatch.setattr(study, "command_output", eval_main_output)
     results = RunResults(str(tmp_path), cfg, ["c"] * 21, 4)
     results.add_pseudo_label_miou(0, {"1x": 10.0, "cif": 11.0})
     results.add_evaluation(0, 2, 12.0, [12.0] * 21)
