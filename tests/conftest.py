@@ -1,4 +1,6 @@
+import contextlib
 import os
+import runpy
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +12,21 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+# torch on one thread in the whole suite, as command_env gives every subprocess: the in-process runs share the CPUs
+# with subprocess runs going on meanwhile, where a second intra-op thread only contends (several times the time).
+torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread in the block (a test that needs it whatever ran before), as before after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pytest_configure(config):
@@ -78,6 +95,17 @@ def run(command, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_script(monkeypatch, script: str, *arguments) -> int:
+    """The exit status of ``python SCRIPT ARGUMENTS``, its __main__ block run in this process (no interpreter and
+    torch start); its output goes to this process's (capsys, or capfd for what its loader workers write)."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, arguments)])
+    try:
+        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    return 0
 
 
 def concurrently(calls: dict) -> dict:

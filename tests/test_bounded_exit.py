@@ -10,7 +10,6 @@ import functools
 import glob
 import multiprocessing
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,8 @@ from torch.utils.data import DataLoader
 
 import scalematch
 import util.evaluation
-from conftest import REPO, command_env, concurrently, train_command, train_in_process, write_tiny_voc
+from conftest import (REPO, command_env, concurrently, run_script, train_command, train_in_process,
+                      write_tiny_voc)
 from model import build_model
 from test_fault_tolerance import checkpoint_iteration
 from util.bounded_exit import Teardown, kill_lingering_children
@@ -154,13 +154,8 @@ def check_no_worker_outlives(started: list, kept: list):
 def eval_in_process(monkeypatch, *arguments: str) -> int:
     """The exit code of `python eval.py ARGUMENTS`, its __main__ block run in this process (no interpreter and torch
     start), as_a_run_alone; its output goes to this process's (capfd: its loader workers' too)."""
-    monkeypatch.setattr(sys, "argv", ["eval.py", *arguments])
-    try:
-        with as_a_run_alone():
-            runpy.run_path(os.path.join(REPO, "eval.py"), run_name="__main__")
-    except SystemExit as stop:
-        return stop.code
-    return 0
+    with as_a_run_alone():
+        return run_script(monkeypatch, "eval.py", *arguments)
 
 
 def tiny_dataset(base):

@@ -19,15 +19,6 @@ from cif_gate import (COUNTS, constant_gate_right, gate_counts, gate_figures, ga
 from study import GATE_SCALES, gate_columns  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch on one CPU thread in this module, as scripts/cif_gate.py had in the subprocesses it ran in before
-    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_gate_counts_on_a_hand_made_case():
     mask = torch.tensor([[0, 1, 2, 3, 255]])

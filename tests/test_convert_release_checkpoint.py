@@ -11,7 +11,6 @@ import io
 import math
 import os
 import re
-import runpy
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 import eval as evaluation
-from conftest import REPO, concurrently, run
+from conftest import REPO, concurrently, run, run_script
 from dataset.semi import build_val_dataset
 from model import build_model
 from model.release import ReleaseStateError, convert_state_dict, project_name, release_state_dict
@@ -36,15 +35,6 @@ CONFIG = os.path.join(REPO, "configs", "pascal.yaml")
 NETWORK = ["backbone=resnet50", "pretrained=null"]
 SCRIPT = [sys.executable, "scripts/convert_release_checkpoint.py"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch on one CPU thread in this module, as its scripts had in the subprocesses they ran in before
-    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def release_names() -> list[tuple[str, tuple[int, ...]]]:
@@ -242,12 +232,7 @@ ERROR_CASES = {
 def run_cli(argv, monkeypatch, capsys) -> tuple[int, str, str]:
     """The script run as ``python scripts/convert_release_checkpoint.py ARGV`` (its __main__ block), in this process
     to spare the interpreter start: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [SCRIPT[1], *map(str, argv)])
-    try:
-        runpy.run_path(os.path.join(REPO, SCRIPT[1]), run_name="__main__")
-        status = 0
-    except SystemExit as stop:
-        status = stop.code
+    status = run_script(monkeypatch, SCRIPT[1], *argv)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 

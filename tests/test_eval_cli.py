@@ -1,7 +1,6 @@
 """eval.py as a hostile user drives it: which checkpoint it picks and says, arguments it refuses, inputs that must
 stop in one line, and no empty output folder left by a failed start."""
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import eval as eval_cli
-from conftest import REPO, concurrently
+from conftest import REPO, concurrently, run_script
 from dataset.errors import DatasetError
 from model import build_model
 from util.checkpoint import CheckpointError
@@ -19,15 +18,6 @@ from util.config import validate
 TINY_MODEL = {"backbone": "tv_resnet18", "pretrained": None, "cif": False, "crop_size": 32, "workers": 0,
               "amp": False, "dataset": "pascal", "nclass": 21, "split": "tiny"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch on one CPU thread in this module, as eval.py had in the subprocesses it ran in before
-    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,12 +51,7 @@ def run_main_block(monkeypatch, capsys, *args) -> tuple[int, str]:
     """``python eval.py ARGS`` (its __main__ block, which turns the one-line errors into exit status 2) in this
     process, to spare an interpreter and torch start: (exit status, stderr). A real interpreter's is
     test_an_error_under_torchrun_is_printed_once's."""
-    monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, args)])
-    try:
-        runpy.run_path(os.path.join(REPO, "eval.py"), run_name="__main__")
-        status = 0
-    except SystemExit as stop:
-        status = stop.code
+    status = run_script(monkeypatch, "eval.py", *args)
     return status, capsys.readouterr().err
 
 

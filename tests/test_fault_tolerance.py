@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import scalematch
-from conftest import EXACT, REPO, concurrently, fault_command, run, train, train_in_process
+from conftest import EXACT, REPO, concurrently, fault_command, one_thread, run, train, train_in_process
 
 
 def checkpoint_iteration(path):
@@ -21,26 +21,6 @@ def checkpoint_iteration(path):
         return torch.load(path, map_location="cpu", weights_only=True)["iteration"]
     except (FileNotFoundError, RuntimeError, EOFError):
         return -1
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread in this process, as in the subprocess runs (command_env's OMP_NUM_THREADS=1); as before
-    after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def in_process_runs_on_one_thread():
-    """The in-process runs share the CPUs with the subprocess runs going on meanwhile: a second OpenMP thread each
-    would only contend (and spin) for them."""
-    with one_thread():
-        yield
 
 
 def start_runs(request, tmp_path_factory, calls):

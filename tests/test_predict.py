@@ -1,7 +1,5 @@
 """eval.py --predict-dir on a folder of images without masks, and --overlays in evaluation mode."""
 import os
-import runpy
-import sys
 
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ import torch
 from PIL import Image
 
 import eval as eval_cli
-from conftest import REPO
+from conftest import run_script
 from dataset.classes import palette
 from model import build_model
 from util.config import validate
@@ -19,15 +17,6 @@ TINY_MODEL = {"backbone": "tv_resnet18", "pretrained": None, "cif": True, "cif_c
               "crop_size": 32, "workers": 0, "amp": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch on one CPU thread in this module, as its scripts had in the subprocesses they ran in before
-    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def run(monkeypatch, capsys):
@@ -35,12 +24,7 @@ def run(monkeypatch, capsys):
     in this process, to spare an interpreter and torch start: (exit status, stdout, stderr). A real interpreter's
     eval.py is test_eval_cli.py's test_an_error_under_torchrun_is_printed_once."""
     def run_eval(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, args)])
-        try:
-            runpy.run_path(os.path.join(REPO, "eval.py"), run_name="__main__")
-            status = 0
-        except SystemExit as stop:
-            status = stop.code
+        status = run_script(monkeypatch, "eval.py", *args)
         captured = capsys.readouterr()
         return status, captured.out, captured.err
     return run_eval

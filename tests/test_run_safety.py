@@ -14,7 +14,7 @@ import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
 from conftest import REPO, command_env, fault_command, run, train, train_in_process, write_tiny_voc
-from test_fault_tolerance import checkpoint_iteration, one_thread, start_runs
+from test_fault_tolerance import checkpoint_iteration, start_runs
 from util.config import ConfigError, check_batch_size, without_idle_cif
 from util.events import RunEvents
 from util.logging import setup_logger
@@ -76,14 +76,6 @@ def running_with(marker):
         if marker in command and state != "Z":
             pids.append(int(stat.split("/")[2]))
     return pids
-
-
-@pytest.fixture(scope="module", autouse=True)
-def in_process_runs_on_one_thread():
-    """The in-process runs share the CPUs with the subprocess runs going on meanwhile: a second OpenMP thread each
-    would only contend (and spin) for them."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

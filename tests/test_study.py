@@ -4,7 +4,6 @@ import argparse
 import contextlib
 import importlib.util
 import io
-import json
 import os
 import sys
 
@@ -16,15 +15,6 @@ from conftest import REPO, run
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import study  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch on one CPU thread in this module, as eval.py had in the subprocesses it ran in before
-    (OMP_NUM_THREADS=1): threads that wait on each other cost CPU time on a loaded machine. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def row(name, seed, miou, run_study="s1", overrides="epochs=2", **figures):
