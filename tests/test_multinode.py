@@ -7,16 +7,28 @@ import socket
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import EXACT, REPO, command_env, fault_command, run, train, train_command
+import eval as eval_cli
+from conftest import EXACT, REPO, command_env, fault_command, train_command
 from test_fault_tolerance import checkpoint_iteration, differing_tensors
 from util import dist
 from util.dist import collective_timeout
 from util.launcher import LaunchError, _root_cause, rendezvous_args
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """This module's in-process runs on one thread, as its subprocesses run (OMP_NUM_THREADS=1): on tensors this
+    small a second thread gains nothing, and where the CPUs are shared its spinning costs up to ten times the time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_collectives_wait_as_long_as_the_environment_says(monkeypatch):
@@ -111,8 +123,21 @@ def run_nodes(commands, attempts=3):
     raise AssertionError(f"{attempts} free ports were taken before node 0 could bind them")
 
 
+def run_dir_of(state: dict) -> Path:
+    """The run directory a checkpoint was trained in, from its config (as util.run_dir.run_directory names it)."""
+    cfg = state["config"]
+    return Path(cfg["exp_dir"], cfg["dataset"], cfg["split"], cfg["run_name"])
+
+
+def evaluated_alone(capsys, checkpoint) -> str:
+    """What `python eval.py --checkpoint CHECKPOINT --cpu` prints, run in this process: on one thread (one_thread),
+    as each node's process, so the same arithmetic, without an interpreter and torch start."""
+    eval_cli.main(["--checkpoint", str(checkpoint), "--cpu"])
+    return capsys.readouterr().out
+
+
 def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_two_processes(
-        tiny_voc, tmp_path, two_process_reference_run):
+        tiny_voc, tmp_path, two_process_reference_run, capsys):
     run_dir = tmp_path / "pascal" / "tiny" / "two_nodes"
     latest = run_dir / "latest.pth"
     command = train_command(tiny_voc, tmp_path, 1, *EXACT, "run_name=two_nodes")
@@ -148,16 +173,20 @@ def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_tw
     evaluate = [sys.executable, "-m", "util.launcher", "1", "eval.py", "--checkpoint", str(latest), "--cpu"]
     codes, outputs = run_nodes([evaluate, evaluate])
     assert codes == [0, 0], outputs
-    alone = run([sys.executable, "eval.py", "--checkpoint", str(latest), "--cpu"])
-    table = alone.stdout[alone.stdout.index("class"):]
+    alone = evaluated_alone(capsys, latest)
+    table = alone[alone.index("class"):]
     assert outputs[0][0].endswith(table) and "mIoU" not in outputs[1][0]
 
 
-def test_a_node_that_cannot_see_the_run_directory_is_refused(tiny_voc, tmp_path):
+def test_a_node_that_cannot_see_the_run_directory_is_refused(tiny_voc, tmp_path, two_process_reference_run):
     """exp_dir must be shared: here node 1's exp_dir is another folder, as on a node-local disk."""
     shared, local = tmp_path / "shared", tmp_path / "local"
-    train(tiny_voc, shared, 2, "epochs=1", "run_name=split_brain")
-    codes, outputs = run_nodes([train_command(tiny_voc, exp_dir, 1, "epochs=2", "run_name=split_brain")
+    # The run to go on with, in the shared exp_dir only: a two-process run's latest.pth (the reference run's, linked
+    # rather than trained again; the nodes stop before they read or write it).
+    run_dir = shared / "pascal" / "tiny" / "split_brain"
+    run_dir.mkdir(parents=True)
+    os.link(run_dir_of(two_process_reference_run) / "latest.pth", run_dir / "latest.pth")
+    codes, outputs = run_nodes([train_command(tiny_voc, exp_dir, 1, *EXACT, "epochs=3", "run_name=split_brain")
                                 for exp_dir in (shared, local)])
     assert codes == [2, 2], outputs
     for exp_dir, (_, stderr) in zip((shared, local), outputs):
