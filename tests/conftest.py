@@ -154,14 +154,6 @@ EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_i
 
 
 @pytest.fixture(scope="session")
-def reference_run(tiny_voc, tmp_path_factory):
-    """latest.pth of an uninterrupted EXACT run on one process: 3 iterations x 2 epochs."""
-    exp_dir = tmp_path_factory.mktemp("reference")
-    train(tiny_voc, exp_dir, 0, *EXACT, "iters_per_epoch=3", "run_name=straight")
-    return torch.load(exp_dir / "pascal" / "tiny" / "straight" / "latest.pth", weights_only=True)
-
-
-@pytest.fixture(scope="session")
 def two_process_reference_run(tiny_voc, tmp_path_factory):
     """latest.pth of an uninterrupted EXACT run on two torchrun processes: 2 iterations x 2 epochs."""
     exp_dir = tmp_path_factory.mktemp("two_process_reference")

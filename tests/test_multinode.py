@@ -21,16 +21,6 @@ from util.dist import collective_timeout
 from util.launcher import LaunchError, _root_cause, rendezvous_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """This module's in-process runs on one thread, as its subprocesses run (OMP_NUM_THREADS=1): on tensors this
-    small a second thread gains nothing, and where the CPUs are shared its spinning costs up to ten times the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_collectives_wait_as_long_as_the_environment_says(monkeypatch):
     monkeypatch.delenv("SCALEMATCH_COLLECTIVE_TIMEOUT_S", raising=False)
     assert collective_timeout() is None  # torch's default
@@ -130,7 +120,7 @@ def run_dir_of(state: dict) -> Path:
 
 
 def evaluated_alone(capsys, checkpoint) -> str:
-    """What `python eval.py --checkpoint CHECKPOINT --cpu` prints, run in this process: on one thread (one_thread),
+    """What `python eval.py --checkpoint CHECKPOINT --cpu` prints, run in this process: on one thread (conftest),
     as each node's process, so the same arithmetic, without an interpreter and torch start."""
     eval_cli.main(["--checkpoint", str(checkpoint), "--cpu"])
     return capsys.readouterr().out

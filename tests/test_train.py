@@ -17,7 +17,7 @@ from PIL import Image
 import eval as eval_cli
 from conftest import run, train_in_process
 from dataset.semi import build_val_dataset
-from test_multinode import one_thread, run_dir_of  # noqa: F401 (one_thread: an autouse fixture)
+from test_multinode import run_dir_of
 from util import evaluation
 from util.results import load_results
 
