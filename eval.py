@@ -129,12 +129,13 @@ def predict_folder(predict: Callable, image_dir: str, save_dir: str, cfg: dict, 
         raise DatasetError(f"--mask-dir {mask_dir}: no such folder")
     names, colors = class_names(cfg), class_palette(cfg)
     os.makedirs(save_dir, exist_ok=True)
-    for path in tqdm(images, disable=not progress, desc="predict", leave=False):
-        mask_path = Path(mask_dir, f"{path.stem}.png") if mask_dir else None
-        image, mask = load_sample(path, mask_path if mask_path and mask_path.is_file() else None, cfg["nclass"])
-        prediction = predict_labels(predict, normalize(image)[None].to(device), mode, cfg, amp_dtype)
-        save_prediction(save_dir, path.stem, prediction[0], names, colors, image.permute(1, 2, 0).numpy(),
-                        None if mask is None else mask.numpy())
+    with tqdm(images, disable=not progress, desc="predict", leave=False) as paths:
+        for path in paths:
+            mask_path = Path(mask_dir, f"{path.stem}.png") if mask_dir else None
+            image, mask = load_sample(path, mask_path if mask_path and mask_path.is_file() else None, cfg["nclass"])
+            prediction = predict_labels(predict, normalize(image)[None].to(device), mode, cfg, amp_dtype)
+            save_prediction(save_dir, path.stem, prediction[0], names, colors, image.permute(1, 2, 0).numpy(),
+                            None if mask is None else mask.numpy())
     return len(images)
 
 

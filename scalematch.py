@@ -37,7 +37,7 @@ from util.events import RunEvents, log_step_pictures
 from util.lifecycle import (NonFiniteLoss, StopSignal, agree, claimed_run_directory, ensure_finite, exit_code, on_main,
                             seed_everything)
 from util.loaders import train_loaders
-from util.logging import LOGGER_NAME, setup_logger
+from util.logging import LOGGER_NAME, close_logger, setup_logger
 from util.losses import OHEMCrossEntropy, masked_cross_entropy
 from util.metrics import MeanIoU, format_iou_table
 from util.resume import checkpoint_state, fresh_progress, recorded_best_miou, reconcile_best, resume
@@ -345,26 +345,27 @@ def train_one_epoch(run: Run, loaders, save_latest) -> None:
     labeled_loader, unlabeled_loader, partner_loader = loaders
     batches = (zip(labeled_loader, unlabeled_loader, partner_loader) if semi
                else ((labeled, None, None) for labeled in labeled_loader))
-    bar = tqdm(batches, total=run.iters_per_epoch - progress["step"], disable=not run.is_main, desc=f"epoch {epoch}",
-               leave=False)
     running = {}
     started, first_iteration = time.perf_counter(), progress["iteration"]
-    for labeled, unlabeled, partner in bar:
-        if progress["step"] >= run.iters_per_epoch:
-            break
-        output = train_step(run, {"labeled": labeled, "unlabeled": unlabeled, "partner": partner}, epoch)
-        # Pseudo-label quality against the unlabeled ground truth, where it is on disk (Fig. 5).
-        for fusion, probs in output.fusion_probs.items():
-            quality["1x" if fusion == "none" else fusion].update(probs.argmax(1), output.pictures["truth_u"])
-        if not output.skipped:
-            log_step(run, output, running, bar)
-        # The epoch's last step is saved after its evaluation instead, so a resume never skips that evaluation.
-        interval = cfg["checkpoint_interval"]
-        if output.stop_requested or (interval and progress["iteration"] % interval == 0
-                                     and progress["step"] < run.iters_per_epoch):
-            save_latest()
-        if output.stop_requested:
-            raise run.stop.preempted(progress["iteration"])
+    # Closed however the epoch ends, so that an error's one line is not printed over a half-drawn bar.
+    with tqdm(batches, total=run.iters_per_epoch - progress["step"], disable=not run.is_main, desc=f"epoch {epoch}",
+              leave=False) as bar:
+        for labeled, unlabeled, partner in bar:
+            if progress["step"] >= run.iters_per_epoch:
+                break
+            output = train_step(run, {"labeled": labeled, "unlabeled": unlabeled, "partner": partner}, epoch)
+            # Pseudo-label quality against the unlabeled ground truth, where it is on disk (Fig. 5).
+            for fusion, probs in output.fusion_probs.items():
+                quality["1x" if fusion == "none" else fusion].update(probs.argmax(1), output.pictures["truth_u"])
+            if not output.skipped:
+                log_step(run, output, running, bar)
+            # The epoch's last step is saved after its evaluation instead, so a resume never skips that evaluation.
+            interval = cfg["checkpoint_interval"]
+            if output.stop_requested or (interval and progress["iteration"] % interval == 0
+                                         and progress["step"] < run.iters_per_epoch):
+                save_latest()
+            if output.stop_requested:
+                raise run.stop.preempted(progress["iteration"])
     if run.results is not None:
         run.results.add_training(time.perf_counter() - started, progress["iteration"] - first_iteration)
 
@@ -404,6 +405,7 @@ def train(cfg, run_dir, rank, world_size, local_rank, device, stop, notes, teard
     is_main = rank == 0
     latest, best = os.path.join(run_dir, "latest.pth"), os.path.join(run_dir, "best.pth")
     logger = setup_logger(run_dir, rank)
+    teardown.calling(close_logger)
     for note in filter(None, notes):
         logger.info(note)
     seed_everything(cfg["seed"] + rank, cfg["deterministic"])

@@ -8,6 +8,7 @@ test does, and run while the in-process tests do. Either way a hang fails its te
 import contextlib
 import functools
 import glob
+import logging
 import multiprocessing
 import os
 import shutil
@@ -30,6 +31,7 @@ from model import build_model
 from test_fault_tolerance import checkpoint_iteration
 from util.bounded_exit import Teardown, kill_lingering_children
 from util.config import validate
+from util.logging import LOGGER_NAME
 from util.sampling import ResumableSampler
 
 # A tiny run ends in well under a minute here; a hang is forever. The bound is generous for a loaded machine.
@@ -119,9 +121,10 @@ def as_a_run_alone(timeout_s: int = RUN_TIMEOUT_S):
         torch.set_num_threads(threads)
 
 
-def watching_workers(monkeypatch, owner, name: str) -> tuple[list, list]:
-    """(started, kept), filled from now on: every process this process starts (loader workers are multiprocessing
-    processes), and the error that `owner.name` raises, kept with its traceback. While it is kept, the failed run's
+def watching_workers(monkeypatch, owner, name: str) -> tuple[list, list, tuple]:
+    """(started, kept, logger_before): filled from now on, every process this process starts (loader workers are
+    multiprocessing processes) and the error that `owner.name` raises, kept with its traceback; and the project
+    logger's (handlers, propagate) before the run. While it is kept, the failed run's
     loaders and iterators stay referenced, so garbage collection cannot end their workers: only the Teardown can, as
     at interpreter exit, where collection ends none (the hang before: the exit joined them forever)."""
     started, kept = [], []
@@ -140,15 +143,19 @@ def watching_workers(monkeypatch, owner, name: str) -> tuple[list, list]:
 
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", recording_start)
     monkeypatch.setattr(owner, name, keeping_the_error)
-    return started, kept
+    logger = logging.getLogger(LOGGER_NAME)
+    return started, kept, (list(logger.handlers), logger.propagate)
 
 
-def check_no_worker_outlives(started: list, kept: list):
-    """No process started by a run that failed (watching_workers) is alive, its failure still referenced."""
+def check_nothing_outlives(started: list, kept: list, logger_before: tuple):
+    """Nothing of a run that failed (watching_workers) is left, its failure still referenced: no process it started
+    is alive, and the project logger is as it found it (train.log's file closed)."""
     assert kept, "the run did not fail where its loaders are"
     assert started, "the run started no loader workers: there is nothing to end"
     alive = [process.pid for process in started if process.is_alive()]
     assert not alive, f"loader workers outlived the run: {alive}"
+    logger = logging.getLogger(LOGGER_NAME)
+    assert (logger.handlers, logger.propagate) == logger_before, "the run left its log handlers (train.log's file)"
 
 
 def eval_in_process(monkeypatch, *arguments: str) -> int:
@@ -277,12 +284,12 @@ def test_a_data_error_met_by_loader_workers_ends_the_run(tmp_path, monkeypatch, 
     exit itself is test_a_data_error_met_by_loader_workers_ends_the_process's."""
     data = tiny_dataset(tmp_path / "data")
     lines = spoil(data[0], names_read_by(loader, 1), kind)
-    started, kept = watching_workers(monkeypatch, scalematch, "main")
+    watch = watching_workers(monkeypatch, scalematch, "main")
     with as_a_run_alone():
         code = train_in_process(data, tmp_path / "exp", *SPOILED_RUN, *order_of(loader))
     # capfd, not capsys: a traceback that a loader worker (a fork of this process) prints must be seen too.
     check_failed_in_one_line(code, capfd.readouterr().err, lines)
-    check_no_worker_outlives(started, kept)
+    check_nothing_outlives(*watch)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -294,10 +301,10 @@ def test_a_data_error_met_by_eval_workers_ends_eval(checkpoint_with_workers, tmp
     data_root = str(tmp_path / "VOC")
     shutil.copytree(clean_root, data_root)
     lines = spoil(data_root, VAL_NAMES, kind)
-    started, kept = watching_workers(monkeypatch, util.evaluation, "evaluate")
+    watch = watching_workers(monkeypatch, util.evaluation, "evaluate")
     code = eval_in_process(monkeypatch, "--checkpoint", checkpoint, "--cpu", "--data-root", data_root)
     check_failed_in_one_line(code, capfd.readouterr().err, lines)
-    check_no_worker_outlives(started, kept)
+    check_nothing_outlives(*watch)
 
 
 def test_a_fifo_in_place_of_a_prediction_ends_predict_dir_in_one_line(checkpoint_with_workers, tmp_path, monkeypatch,

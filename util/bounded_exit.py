@@ -35,7 +35,7 @@ class Teardown:
     def __init__(self):
         self._loaders = []
         self._iterators = []
-        self._closables = []
+        self._closers = []
 
     def loaders(self, *loaders):
         """Own `loaders` (persistent workers included: their iterator lives in the loader); returns them."""
@@ -51,17 +51,21 @@ class Teardown:
     def closing(self, closable):
         """Own `closable` (None is allowed: nothing to close); returns it."""
         if closable is not None:
-            self._closables.append(closable)
+            self._closers.append(closable.close)
         return closable
+
+    def calling(self, close) -> None:
+        """Call `close()` when the owned objects are closed, in the same order (newest first)."""
+        self._closers.append(close)
 
     def close(self) -> None:
         """Close the owned objects and shut down the owned workers; each failure is raised after the rest is done."""
         failure = None
-        pending = [closable.close for closable in reversed(self._closables)]
+        pending = list(reversed(self._closers))
         pending += [lambda iterator=iterator: shut_down_workers(iterator) for iterator in self._iterators]
         pending += [lambda loader=loader: shut_down_workers(getattr(loader, "_iterator", None))
                     for loader in self._loaders]
-        self._closables, self._iterators, self._loaders = [], [], []
+        self._closers, self._iterators, self._loaders = [], [], []
         for action in pending:
             try:
                 action()

@@ -57,9 +57,10 @@ def evaluate(predict: Callable, val_set, cfg: dict, device: torch.device, amp_dt
     loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=min(cfg["workers"], 2),
                         generator=torch.Generator())
     metric = MeanIoU(cfg["nclass"], device=device)
-    with Teardown() as teardown:
-        for sample in tqdm(teardown.iterate(loader), total=len(loader), disable=not progress, desc="eval",
-                           leave=False):
+    # The bar is closed however the loop ends, so that an error's one line is not printed over it.
+    with Teardown() as teardown, tqdm(teardown.iterate(loader), total=len(loader), disable=not progress, desc="eval",
+                                      leave=False) as samples:
+        for sample in samples:
             image = sample["image"].to(device)
             mask = sample["mask"].to(device)
             if mode == "center_crop":

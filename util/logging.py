@@ -33,15 +33,28 @@ class RunLogFile(logging.FileHandler):
         return open(descriptor, self.mode, encoding=self.encoding, errors=self.errors)
 
 
+# The handlers setup_logger installed: close_logger removes these, not those that others (pytest) attach.
+_installed: list[logging.Handler] = []
+
+
+def close_logger() -> None:
+    """Undo setup_logger: detach and close its handlers (train.log's file among them) and let records propagate
+    again, so that a run ending in a process that goes on (a notebook, the test suite) leaves no open log behind."""
+    logger = logging.getLogger(LOGGER_NAME)
+    while _installed:
+        handler = _installed.pop()
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+
+
 def setup_logger(run_dir: str | os.PathLike | None, rank: int) -> logging.Logger:
     """Configure and return the 'scalematch' logger; calling it again replaces the handlers it set before.
 
     Rank 0 logs INFO to stdout and, with a `run_dir`, appends to run_dir/train.log; other ranks log WARNING to stdout.
     """
+    close_logger()
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
     # The root logger's handlers would print every record a second time.
     logger.propagate = False
     level = logging.INFO if rank == 0 else logging.WARNING
@@ -62,4 +75,5 @@ def setup_logger(run_dir: str | os.PathLike | None, rank: int) -> logging.Logger
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
+        _installed.append(handler)
     return logger
