@@ -61,8 +61,14 @@ def mean_nll(probs):
 
 
 def test_ohem_keeps_pixels_below_the_threshold():
-    loss = OHEMCrossEntropy(thresh=0.7, min_kept=0)(two_class_logits(PROBS), torch.zeros(1, 1, 6, dtype=torch.long))
+    loss = OHEMCrossEntropy(thresh=0.7, min_kept=1)(two_class_logits(PROBS), torch.zeros(1, 1, 6, dtype=torch.long))
     assert loss.item() == pytest.approx(mean_nll(PROBS[:3]))
+
+
+def test_ohem_min_kept_zero_mines_nothing():
+    target = torch.tensor([[[0, 0, 255, 0, 0, 0]]])
+    loss = OHEMCrossEntropy(thresh=0.7, min_kept=0)(two_class_logits(PROBS), target)
+    assert loss.item() == pytest.approx(mean_nll([p for i, p in enumerate(PROBS) if i != 2]))
 
 
 def test_ohem_keeps_at_least_min_kept_hardest():
@@ -88,7 +94,7 @@ def test_ohem_never_keeps_ignored_pixels():
 
 def test_ohem_uses_the_true_class_probability():
     # Class 1 is the target, so its probability is 1 - PROBS: the easy pixels are now the first ones.
-    loss = OHEMCrossEntropy(thresh=0.25, min_kept=0)(two_class_logits(PROBS), torch.ones(1, 1, 6, dtype=torch.long))
+    loss = OHEMCrossEntropy(thresh=0.25, min_kept=1)(two_class_logits(PROBS), torch.ones(1, 1, 6, dtype=torch.long))
     assert loss.item() == pytest.approx(mean_nll([1 - p for p in PROBS[3:]]))
 
 

@@ -59,21 +59,17 @@ def test_ohem_is_the_release_prob_ohem(reference):
         ours = _ohem(case)
         if (case["target"] == 255).all():
             assert case["release"].isnan() and ours == 0, case["name"]
-        elif case["min_kept"] == 0:
-            continue  # test_ohem_min_kept_zero_differs_from_the_release
         else:
             assert torch.isclose(ours, case["release"], rtol=TOLERANCE, atol=0), case["name"]
 
 
-def test_ohem_min_kept_zero_differs_from_the_release(reference):
+def test_ohem_min_kept_zero_is_the_plain_cross_entropy_as_in_the_release(reference):
     case = next(case for case in reference["ohem"] if case["name"] == "min_kept 0")
-    # The release mines nothing when min_kept is 0: its loss is the plain cross-entropy over the valid pixels.
     plain = torch.nn.functional.cross_entropy(case["logits"], case["target"], ignore_index=255)
-    assert torch.isclose(case["release"], plain, rtol=TOLERANCE, atol=0)
-    # Here the threshold still applies: only pixels with p <= thresh count.
     hard = next(case for case in reference["ohem"] if case["name"] == "min_kept below the valid count")
-    assert not torch.isclose(_ohem(case), plain, rtol=1e-3, atol=0)
-    assert torch.isclose(_ohem(case), _ohem(hard), rtol=TOLERANCE, atol=0)
+    # Mining would give another loss on this case, so the equality above is not the threshold's by chance.
+    assert torch.isclose(_ohem(case), plain, rtol=TOLERANCE, atol=0)
+    assert not torch.isclose(_ohem(hard), plain, rtol=1e-3, atol=0)
 
 
 def test_intersection_and_union_are_the_release_counts(reference):

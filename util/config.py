@@ -109,7 +109,8 @@ SCHEMA: dict[str, Key | Section] = {
                      default="ce", choices=("ce", "ohem")),
     "ohem_thresh": Key(float, "OHEM keeps pixels whose probability of the true class is at most this.", default=0.7,
                        gt=0, le=1),
-    "ohem_min_kept": Key(int, "OHEM keeps at least this many hardest pixels per batch.", default=200000, ge=0),
+    "ohem_min_kept": Key(int, "OHEM keeps at least this many hardest pixels per batch; 0 keeps every pixel "
+                         "(no mining), as the release.", default=200000, ge=0),
     "conf_thresh": Key(float, "Pseudo-labels less confident than this stay out of the unsupervised loss.",
                        default=0.95, ge=0, le=1),
     "strong_views": Key(int, "Strongly augmented views per unlabeled image.", default=1, choices=(1, 2)),

@@ -9,7 +9,8 @@ from torch import nn
 class OHEMCrossEntropy(nn.Module):
     """Cross-entropy over the hard pixels: those whose probability of the true class is at most `thresh`, widened to
     the `min_kept` hardest when fewer qualify (the Cityscapes practice of CPS and UniMatch). Mean over kept pixels;
-    0 when none is kept."""
+    0 when none is kept. `min_kept` 0 mines nothing: every valid pixel is kept (the release's ProbOhemCrossEntropy2d,
+    whose index min_kept - 1 wraps to the easiest pixel); the threshold alone is `min_kept` 1."""
 
     def __init__(self, thresh: float = 0.7, min_kept: int = 200000, ignore_index: int = 255):
         super().__init__()
@@ -32,7 +33,7 @@ class OHEMCrossEntropy(nn.Module):
             num_ranked = min(self.min_kept, valid_prob.numel())
             if num_ranked > 0:
                 threshold = torch.maximum(threshold, torch.kthvalue(valid_prob, num_ranked).values)
-            kept = valid & (prob <= threshold)
+            kept = valid & (prob <= threshold) if self.min_kept > 0 else valid
         loss = F.cross_entropy(logits, safe_target, reduction="none")
         return torch.where(kept, loss, 0.0).sum() / kept.sum().clamp_min(1)
 
