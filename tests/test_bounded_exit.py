@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import scalematch
 import util.evaluation
-from conftest import (REPO, command_env, concurrently, run_script, train_command, train_in_process,
+from conftest import (REPO, command_env, concurrently, one_thread, run_script, train_command, train_in_process,
                       write_tiny_voc)
 from model import build_model
 from test_fault_tolerance import checkpoint_iteration
@@ -109,16 +109,14 @@ def as_a_run_alone(timeout_s: int = RUN_TIMEOUT_S):
     def expire(signum, frame):
         pytest.fail(f"the run did not end within {timeout_s} s")
 
-    threads = torch.get_num_threads()
     previous = signal.signal(signal.SIGALRM, expire)
-    torch.set_num_threads(1)
     signal.alarm(timeout_s)
     try:
-        yield
+        with one_thread():
+            yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-        torch.set_num_threads(threads)
 
 
 def watching_workers(monkeypatch, owner, name: str) -> tuple[list, list, tuple]:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import one_thread
 from scripts.release_step_parity import (ITERS_PER_EPOCH, ReleaseSourceError, ScriptedChoice, make_batch,
                                          ours_optimizer, ours_step, release_step_code, seeded_model, step_config)
 
@@ -31,13 +32,11 @@ FLIPPED_PIXELS = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def written_on_one_thread():
     """The fixture was written with one thread: more threads sum in another order, and this random network turns
     that rounding into differences beyond the tolerances (2e-4 on a loss term with two threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
