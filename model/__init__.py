@@ -13,5 +13,5 @@ def build_model(cfg: dict) -> ScaleMatchNet:
     cif = None
     if cfg["cif"]:
         cif = CrossScaleInteractionFusion(HEAD_CHANNELS, cfg["cif_channels"], cfg["cif_blocks"],
-                                          cfg["cif_gate_channels"], cfg["cif_gate"])
+                                          cfg["cif_gate_channels"], cfg["cif_gate"], wkv=cfg["cif_wkv"])
     return ScaleMatchNet(DeepLabV3Plus(backbone, cfg["nclass"], cfg["dilations"]), cif, cfg["scaled_views_update_bn"])

@@ -48,7 +48,8 @@ class SqueezeExcitation(nn.Module):
 
 class CrossScaleInteractionFusion(nn.Module):
     def __init__(self, feature_channels: int = 256, reduced_channels: int = 32, rwkv_blocks: int = 1,
-                 gate_channels: int = 128, gate_input: str = "release", se_reduction: int = 16):
+                 gate_channels: int = 128, gate_input: str = "release", se_reduction: int = 16,
+                 wkv: str = "formula"):
         super().__init__()
         if gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
@@ -56,7 +57,7 @@ class CrossScaleInteractionFusion(nn.Module):
         self.reduce = conv_bn_relu(2 * feature_channels, reduced_channels)
         # The release builds its single block as the first of a two-layer stack (total_layers=2) for the fancy init.
         self.rwkv = nn.ModuleList(VRWKVBlock(reduced_channels, layer_id=i, n_layers=rwkv_blocks + 1,
-                                             norm_eps=LAYER_NORM_EPS) for i in range(rwkv_blocks))
+                                             norm_eps=LAYER_NORM_EPS, wkv=wkv) for i in range(rwkv_blocks))
         self.norm = nn.LayerNorm(reduced_channels, eps=LAYER_NORM_EPS)
         attended = reduced_channels + (2 * feature_channels if gate_input == "release" else 0)
         self.attention = SqueezeExcitation(attended, se_reduction)

@@ -33,6 +33,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torchvision.ops import StochasticDepth
 
+from model.wkv_kernel import bi_wkv_release_kernel
+
 # Largest chunk_length * w allowed for a positive decay w. A chunk's sums are scaled by its largest exponent, which can
 # exceed the row's largest term by up to 2 * chunk_length * w; this bounds that excess by exp(16).
 MAX_CHUNK_DECAY = 8.0
@@ -43,6 +45,8 @@ EXPONENT_FLOOR_MARGIN = 30.0
 SCALE_HEADROOM = 24.0
 # The epsilon of the Bi-WKV denominator, relative to the row's largest term.
 EPSILON = 1e-6
+# The Bi-WKV's arithmetic: this module's exact formula, or the release's CUDA kernel (model/wkv_kernel.py).
+WKV_ARITHMETICS = ("formula", "release_kernel")
 
 
 def chunk_length(num_tokens: int, w: torch.Tensor) -> int:
@@ -338,11 +342,14 @@ def _mix_ramp(dim: int) -> torch.Tensor:
 
 class SpatialMix(nn.Module):
     """Vision-RWKV's attention: shifted-token interpolation, key / value / receptance, Bi-WKV gated by
-    sigmoid(receptance)."""
+    sigmoid(receptance). ``wkv`` picks the Bi-WKV's arithmetic (WKV_ARITHMETICS)."""
 
     def __init__(self, dim: int, layer_id: int = 0, n_layers: int = 1, shift_pixel: int = 1, gamma: float = 0.25,
-                 key_norm: bool = False):
+                 key_norm: bool = False, wkv: str = "formula"):
         super().__init__()
+        if wkv not in WKV_ARITHMETICS:
+            raise ValueError(f"rwkv: wkv must be one of {WKV_ARITHMETICS}, got {wkv!r}")
+        self.wkv = bi_wkv if wkv == "formula" else bi_wkv_release_kernel
         self.shift_pixel = shift_pixel
         self.gamma = gamma
         rising, falling = _layer_ratios(layer_id, n_layers)
@@ -368,7 +375,7 @@ class SpatialMix(nn.Module):
         gate = torch.sigmoid(self.receptance(_interpolate(x, shifted, self.spatial_mix_r)))
         num_tokens = x.shape[1]
         # Decay and bonus are per-image quantities, spread over the sequence as Vision-RWKV does.
-        mixed = bi_wkv(self.spatial_decay / num_tokens, self.spatial_first / num_tokens, k, v)
+        mixed = self.wkv(self.spatial_decay / num_tokens, self.spatial_first / num_tokens, k, v)
         return self.output(gate * self.key_norm(mixed))
 
 
@@ -401,16 +408,16 @@ class VRWKVBlock(nn.Module):
     """Pre-norm Vision-RWKV block: x + drop_path(gamma1 * SpatialMix(LN(x))), then the same with ChannelMix.
 
     ``layer_id`` / ``n_layers`` place the block in its stack for the depth-dependent fancy init; ``norm_eps`` is the
-    epsilon of its two LayerNorms.
+    epsilon of its two LayerNorms; ``wkv`` the arithmetic of its Bi-WKV.
     """
 
     def __init__(self, dim: int, hidden_rate: int = 4, shift_pixel: int = 1, gamma: float = 0.25,
                  layer_scale: float = 1e-2, drop_path: float = 0.0, layer_id: int = 0, n_layers: int = 1,
-                 key_norm: bool = False, norm_eps: float = 1e-5):
+                 key_norm: bool = False, norm_eps: float = 1e-5, wkv: str = "formula"):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim, eps=norm_eps)
         self.ln2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.att = SpatialMix(dim, layer_id, n_layers, shift_pixel, gamma, key_norm)
+        self.att = SpatialMix(dim, layer_id, n_layers, shift_pixel, gamma, key_norm, wkv)
         self.ffn = ChannelMix(dim, layer_id, n_layers, shift_pixel, gamma, hidden_rate, key_norm)
         self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale))
         self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale))

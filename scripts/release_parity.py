@@ -19,7 +19,7 @@ An output passes when max|ours - release| <= 1e-4 x max|release output| in every
 the release's CUDA kernel (emulated by the tool) is from the paper's Bi-WKV formula that this codebase computes, on
 the op (T = 289 and 16641 tokens; the latter takes minutes) and on pred_joint. Exit status 1 when an output fails.
 key=value overrides configs/pascal.yaml for this codebase's side, e.g. cif_gate=paper, to measure how far a switch
-takes the network from the release. With --eval it compares evaluation instead: the release's evaluate() and
+takes the network from the release; with cif_wkv=release_kernel the release side runs the tool's kernel emulation. With --eval it compares evaluation instead: the release's evaluate() and
 eval.py's, in every mode (scripts/release_eval_parity.py says how).
 """
 import argparse
@@ -191,8 +191,11 @@ def main(argv=None) -> int:
                                           args.eval_crop)
         lines += ["", f"{time.time() - started:.0f} s on {os.cpu_count()} CPU cores."]
         return print_report(lines, args.markdown, passed)
+    # This codebase's emulation of the release kernel is compared with the tool's; its formula with the formula.
+    release_wkv = "kernel" if "cif_wkv=release_kernel" in args.overrides else "paper"
     try:
-        net = tool.build_release_model(args.release_dir, nclass=21, backbone=args.backbone, seed=args.seed)
+        net = tool.build_release_model(args.release_dir, nclass=21, backbone=args.backbone, seed=args.seed,
+                                       wkv=release_wkv)
     except tool.ReleaseError as error:
         raise SystemExit(f"error: {error}") from None
     with tempfile.TemporaryDirectory() as folder:

@@ -2,6 +2,7 @@
 release's CUDA kernel_backward, the last run from the release's own source.
 
     python scripts/release_wkv_backward.py RELEASE_DIR [--lengths 289 16641] [--channels 32 8] [--markdown out.md]
+    python scripts/release_wkv_backward.py RELEASE_DIR --write-fixture tests/data/release_wkv_kernel_reference.pt
 
 RELEASE_DIR is the release's git directory (the `fetch` tool's mirror of github:lvliang6879/ScaleMatch) or a
 checkout. Its wkv_cuda.cu is read at run time and its two kernels are translated statement by statement into Python
@@ -16,6 +17,9 @@ count per length (every 32 / C-th of the block's 32 channels, spread over its de
 paper formula's autograd and the autograd through the kernel's forward loop take ~30 s per channel each on one core
 (10 minutes in all with the defaults). Each gradient is compared as max|a - b| / max|b|; with T <= 1024 also against
 the paper formula's gradient terms evaluated at kernel_forward's own outputs and denominators (paper_terms_at).
+It also runs this codebase's emulation of the kernel (model/wkv_kernel.py, the cif_wkv: release_kernel setting)
+beside the translation: forward and backward, float64 and float32. --write-fixture instead pins the translated
+kernels' outputs on small random inputs (the lengths of FIXTURE_CASES) for tests/test_wkv_kernel.py.
 """
 import argparse
 import builtins
@@ -31,12 +35,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from model.rwkv import bi_wkv, bi_wkv_reference  # noqa: E402
+from model.wkv_kernel import bi_wkv_release_kernel  # noqa: E402
 from scripts.release_parity import DEFAULT_TOOL, load_tool  # noqa: E402
 
 CIF_REFERENCE = ROOT / "tests" / "data" / "release_cif_reference.pt"
 KERNEL_SOURCE = "ext/rwkv/cls_backbones/backbones/cuda/wkv_cuda.cu"
 OP_SOURCE = "ext/rwkv/cls_backbones/backbones/vrwkv.py"  # compiles the kernel with -DTmax={T_MAX}
 DECAY, BONUS = "RWKV_layers.layers.0.attn.spatial_decay", "RWKV_layers.layers.0.attn.spatial_first"
+# (batch, tokens, channels) of the pinned cases: a short last chunk, full chunks, fewer tokens than chunks.
+FIXTURE_CASES = ((2, 37, 4), (1, 100, 3), (2, 7, 2))
 # Longest sequence for paper_terms_at (T^2 x channels float64 temporaries).
 TERMS_MAX_TOKENS = 1024
 # Rows of the paper formula differentiated at once: bounds its autograd graph to ~0.5 GiB.
@@ -329,6 +336,23 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def write_fixture(kernels: ReleaseKernels, release_dir: str, path: str, seed: int) -> None:
+    """The translated kernels' y and gradients on FIXTURE_CASES (float64; decays spread over both signs)."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for batch, length, channels in FIXTURE_CASES:
+        w = torch.linspace(-5, 3, channels, dtype=torch.float64) / length
+        u = torch.randn(channels, generator=generator, dtype=torch.float64) / length
+        k, v, gy = (torch.randn(batch, length, channels, generator=generator, dtype=torch.float64) for _ in range(3))
+        gradients, _ = kernels.backward(w, u, k, v, gy)
+        cases.append({"w": w, "u": u, "k": k, "v": v, "gy": gy, "y": kernels.forward(w, u, k, v),
+                      **dict(zip(("gw", "gu", "gk", "gv"), gradients))})
+    commit = subprocess.run(["git", f"--git-dir={release_dir}", "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown (a checkout)"
+    torch.save({"commit": commit, "cases": cases}, path)
+    print(f"wrote {path}: {len(cases)} cases from release {commit}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("release_dir", help="the release's git directory or a checkout of it")
@@ -337,10 +361,14 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 8], help="channel count per length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--write-fixture", metavar="PATH", help="pin the translated kernels on small inputs and exit")
     args = parser.parse_args(argv)
     if len(args.channels) != len(args.lengths):
         raise SystemExit("error: --channels needs one count per --lengths entry")
     kernels = ReleaseKernels(args.release_dir)
+    if args.write_fixture:
+        write_fixture(kernels, args.release_dir, args.write_fixture, args.seed)
+        return 0
     tool = load_tool(args.tool)
     state = torch.load(CIF_REFERENCE, weights_only=True)["state_dict"]
     decay, bonus = state[DECAY].double(), state[BONUS].double()
@@ -350,8 +378,11 @@ def main(argv=None) -> int:
              ("release kernel_backward", "paper formula autograd"),
              ("release kernel_backward", "autograd of release kernel_forward"),
              ("release kernel_backward", "paper terms at kernel_forward's y and denominators"),
-             ("release kernel_backward", "this codebase, float64")]
+             ("release kernel_backward", "this codebase, float64"),
+             ("this codebase's release_kernel, float64", "release kernel_backward"),
+             ("this codebase's release_kernel, float32", "release kernel_backward")]
     lines = ["| gradients a | against b | T | channels | w | u | k | v |", "| --- " * 8 + "|"]
+    forward_lines = ["| forward a | against b | T | channels | y |", "| --- " * 5 + "|"]
     for length, channels in zip(args.lengths, args.channels):
         started = time.time()
         chosen = torch.arange(0, decay.numel(), decay.numel() // channels)[:channels]
@@ -362,6 +393,10 @@ def main(argv=None) -> int:
         print(f"T={length}: translated kernel_forward vs the tool's emulation: {check:.2e}", flush=True)
         if check > 1e-12:
             raise SystemExit(f"error: the translated kernel_forward is {check:.2e} from the tool's emulation")
+        for dtype in (torch.float64, torch.float32):
+            ours = bi_wkv_release_kernel(*(x.to(dtype) for x in (w, u, k, v))).double()
+            forward_lines.append(f"| this codebase's release_kernel, {str(dtype)[6:]} | translated kernel_forward | "
+                                 f"{length} | {channels} | {relative(ours, forward):.2e} |")
         gradients, internals = kernels.backward(w, u, k, v, gy)
         results = {"release kernel_backward": gradients}
         if length <= TERMS_MAX_TOKENS:
@@ -371,6 +406,9 @@ def main(argv=None) -> int:
         results["autograd of release kernel_forward"] = autograd_of(tool.wkv_kernel, w, u, k, v, gy)
         results["this codebase, float32"] = autograd_of(bi_wkv, w, u, k, v, gy, torch.float32)
         results["this codebase, float64"] = autograd_of(bi_wkv, w, u, k, v, gy)
+        results["this codebase's release_kernel, float64"] = autograd_of(bi_wkv_release_kernel, w, u, k, v, gy)
+        results["this codebase's release_kernel, float32"] = autograd_of(bi_wkv_release_kernel, w, u, k, v, gy,
+                                                                          torch.float32)
         print(f"T={length}: kernel autograd and this codebase {time.time() - started:.0f} s", flush=True)
         results["paper formula autograd"] = paper_gradients(w, u, k, v, gy)
         print(f"T={length}: paper formula {time.time() - started:.0f} s", flush=True)
@@ -379,7 +417,7 @@ def main(argv=None) -> int:
                 continue
             cells = " | ".join(f"{relative(x, y):.2e}" for x, y in zip(results[a], results[b]))
             lines.append(f"| {a} | {b} | {length} | {channels} | {cells} |")
-    text = "\n".join(lines)
+    text = "\n".join(lines + [""] + forward_lines)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")

@@ -25,11 +25,11 @@ def make_inputs(scale, batch=2, seed=0):
     return features_1x, pred_1x, features_v, pred_v, scale
 
 
-def small_cif(gate_input="release", seed=0):
+def small_cif(gate_input="release", seed=0, wkv="formula"):
     # se_reduction 2: the default 16 would leave the paper gate's 8 channels a single hidden ReLU unit, often dead.
     torch.manual_seed(seed)
     return CrossScaleInteractionFusion(feature_channels=FEATURES, reduced_channels=8, rwkv_blocks=1, gate_channels=8,
-                                       gate_input=gate_input, se_reduction=2)
+                                       gate_input=gate_input, se_reduction=2, wkv=wkv)
 
 
 def constant_gate(cif, value):
@@ -168,9 +168,10 @@ def test_release_blending_multiplies_at_the_lower_resolution():
     assert not torch.allclose(fused, fused_paper, atol=1e-4)
 
 
-@pytest.mark.parametrize("gate_input", ["release", "paper"])
-def test_every_cif_parameter_receives_gradient(gate_input):
-    cif = small_cif(gate_input)
+@pytest.mark.parametrize("gate_input, wkv", [("release", "formula"), ("paper", "formula"),
+                                             ("release", "release_kernel")])
+def test_every_cif_parameter_receives_gradient(gate_input, wkv):
+    cif = small_cif(gate_input, wkv=wkv)
     fused, _ = cif(*make_inputs(0.5))
     fused.square().mean().backward()
     for name, parameter in cif.named_parameters():
@@ -203,3 +204,11 @@ def test_squeeze_excitation_rescales_channels_by_global_weights():
     changed[:, :, 0, 0] += 5
     assert not torch.allclose(attention(changed)[:, :, 1:, 1:], y[:, :, 1:, 1:])
     assert SqueezeExcitation(8, reduction=16).squeeze.out_channels == 1
+
+
+def test_the_release_kernels_arithmetic_moves_the_gate_a_little():
+    formula, kernel = small_cif(), small_cif(wkv="release_kernel")
+    with torch.no_grad():
+        features = make_inputs(2.0)[0]
+        gates = [cif.gate(features, features.flip(0)) for cif in (formula, kernel)]
+    assert 0 < float((gates[0] - gates[1]).abs().max()) < 1e-3

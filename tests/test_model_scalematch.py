@@ -8,7 +8,7 @@ from util.resize import rescale, resize_to
 
 CFG = {"backbone": "tv_resnet18", "nclass": 4, "replace_stride_with_dilation": [False, False, True],
        "dilations": [6, 12, 18], "pretrained": None, "cif": True, "cif_channels": 8, "cif_blocks": 1,
-       "cif_gate_channels": 8, "cif_gate": "release", "scaled_views_update_bn": True}
+       "cif_gate_channels": 8, "cif_gate": "release", "cif_wkv": "formula", "scaled_views_update_bn": True}
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,11 @@ SCHEMA: dict[str, Key | Section] = {
                     "features and the interacted features, the gate applied at the lower-resolution prediction's "
                     "size; paper: over the interacted features alone, gate and predictions blended at the 1x image "
                     "size (Eqs. 10-13 as written).", default="release", choices=("release", "paper")),
+    "cif_wkv": Key(str, "Arithmetic of the CIF's Bi-WKV. formula: the Vision-RWKV formula, exactly; release_kernel: "
+                   "what the release's CUDA kernel computes, forward and backward (32 token chunks: a one-step "
+                   "longer decay across chunks and after the token, a within-chunk residual; its k, v, u gradients "
+                   "are the formula's terms at its outputs), emulated step for step and slower (docs/release.md).",
+                   default="formula", choices=("formula", "release_kernel")),
     "loss_weights": Section("Weights of the unsupervised loss terms.", {
         "strong": Key(float, "Weight of the strong-view loss, shared equally by the strong views.", default=0.25,
                       ge=0),
