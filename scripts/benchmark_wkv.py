@@ -1,5 +1,6 @@
 """Benchmark of model.rwkv.bi_wkv: float32 error against the float64 O(T^2) oracle on adversarial inputs, forward +
-backward time over T, linearity against a plain exp/cumsum chain, and speed-up over the O(T^2) formula.
+backward time over T, linearity against a plain exp/cumsum chain, and speed-up over the O(T^2) formula; beside it the
+time of the release kernel's emulation (model/wkv_kernel.py, cif_wkv: release_kernel).
 
     python scripts/benchmark_wkv.py [--batch 4] [--channels 32] [--repeats 7] [--device cpu]
 
@@ -19,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.rwkv import bi_wkv, bi_wkv_reference  # noqa: E402
+from model.wkv_kernel import bi_wkv_release_kernel  # noqa: E402
 
 LENGTHS = (1024, 4096, 16641, 40401)  # 16641 = 129^2 tokens for a 513 crop, 40401 = 201^2 for an 801 crop
 LINEARITY = (4096, 16641)
@@ -121,6 +123,10 @@ def fast_step(inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor) -> Callabl
     return lambda: bi_wkv(*inputs).backward(grad_y)
 
 
+def kernel_step(inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor) -> Callable[[], None]:
+    return lambda: bi_wkv_release_kernel(*inputs).backward(grad_y)
+
+
 def chain_step(inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor) -> Callable[[], None]:
     """Forward + backward of a plain element-wise exp / cumsum chain on the same shapes: the linearity yardstick."""
     _, _, k, v = inputs
@@ -158,7 +164,8 @@ def main() -> None:
 
     seconds, chain_seconds = {}, {}
     other_load = OtherLoad()
-    print(f"{'T':>7} | {'float32 error':>13} | {'fwd+bwd ms':>10} | {'exp/cumsum chain ms':>19} | {'other CPU use':>13}")
+    print(f"{'T':>7} | {'float32 error':>13} | {'fwd+bwd ms':>10} | {'exp/cumsum chain ms':>19} | "
+          f"{'release kernel ms':>17} | {'other CPU use':>13}")
     for num_tokens in LENGTHS:
         error = float32_error(num_tokens, args.channels, args.device)
         inputs = timing_inputs(args.batch, num_tokens, args.channels, args.device)
@@ -166,9 +173,11 @@ def main() -> None:
         other_load.start()
         seconds[num_tokens] = median_seconds(fast_step(inputs, grad_y), args.repeats, args.device)
         chain_seconds[num_tokens] = median_seconds(chain_step(inputs, grad_y), args.repeats, args.device)
+        kernel_seconds = median_seconds(kernel_step(inputs, grad_y), args.repeats, args.device)
         share = other_load.share()
         print(f"{num_tokens:>7} | {error:>13.2e} | {seconds[num_tokens] * 1e3:>10.1f} | "
-              f"{chain_seconds[num_tokens] * 1e3:>19.1f} | {'n/a' if share is None else f'{share:.0%}':>13}")
+              f"{chain_seconds[num_tokens] * 1e3:>19.1f} | {kernel_seconds * 1e3:>17.1f} | "
+              f"{'n/a' if share is None else f'{share:.0%}':>13}")
 
     short, long = LINEARITY
     linearity = (seconds[long] / seconds[short]) / (chain_seconds[long] / chain_seconds[short])

@@ -32,7 +32,8 @@ momentum buffers (the step is -lr times the buffer) and the weights after the st
 gradient's differences, and in this randomly initialised network a step can be larger than its weight), the BatchNorm
 running statistics (<= 1e-5) and each param group's learning rate (exact), after every iteration of every case;
 with --free-running, per iteration. Exit status 1 when a row fails, 2 on bad input. key=value overrides
-configs/pascal.yaml on this codebase's side, e.g. loss_weights.strong=0.3, which must fail.
+configs/pascal.yaml on this codebase's side, e.g. loss_weights.strong=0.3, which must fail; with
+cif_wkv=release_kernel the release's WKV op runs the kernels of its own wkv_cuda.cu (use_translated_kernels).
 
 --write-fixture PATH pins the release's step for tests/test_release_step.py: the weights are then this codebase's
 network initialised under torch.manual_seed(--seed) (seeded_model), exported to the release's names, so the test
@@ -66,6 +67,7 @@ from model import build_model  # noqa: E402
 from model.release import project_name  # noqa: E402
 from scripts.convert_release_checkpoint import convert  # noqa: E402
 from scripts.release_parity import DEFAULT_TOOL, load_tool  # noqa: E402
+from scripts.release_wkv_backward import ReleaseKernels  # noqa: E402
 from util.config import load_config  # noqa: E402
 
 RELEASE_SOURCES = ("ScaleMatch.py", "util/train_utils.py", "util/ohem.py")
@@ -520,6 +522,31 @@ def pinned_step(case, epoch, index, number, keep, release, net, release_start, r
             "lr": [group["lr"] for group in release_optimizer.param_groups]}
 
 
+def use_translated_kernels(net: nn.Module, release_dir: str) -> None:
+    """The release network's WKV op (vrwkv.RUN_CUDA) as its wkv_cuda.cu computes it, forward and backward: the
+    kernels translated from that source at run time (scripts/release_wkv_backward.py), in float64."""
+    kernels = ReleaseKernels(release_dir)
+
+    class TranslatedWKV(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, u, k, v):
+            ctx.save_for_backward(w, u, k, v)
+            return kernels.forward(w.double(), u.double(), k.double(), v.double()).to(v.dtype)
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            w, u, k, v = ctx.saved_tensors
+            gradients, _ = kernels.backward(w.double(), u.double(), k.double(), v.double(), grad_y.double())
+            return tuple(g.to(x.dtype) for g, x in zip(gradients, (w, u, k, v)))
+
+    namespaces = [type(module).forward.__globals__ for module in net.modules()
+                  if "RUN_CUDA" in type(module).forward.__globals__]
+    if not namespaces:
+        raise ReleaseSourceError("no module of the release's network calls RUN_CUDA")
+    for namespace in namespaces:
+        namespace["RUN_CUDA"] = TranslatedWKV.apply
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("release_dir", help="the release's git directory or a checkout of it")
@@ -544,6 +571,11 @@ def main(argv=None) -> int:
                                        calibrate=not args.write_fixture)
     except tool.ReleaseError as error:
         raise ReleaseSourceError(str(error)) from None
+    # This codebase's emulation of the release kernel meets the kernels of the release's own source.
+    wkv = "the formula (float64)"
+    if "cif_wkv=release_kernel" in args.overrides:
+        use_translated_kernels(net, args.release_dir)
+        wkv = "its wkv_cuda.cu kernels translated (float64)"
     release_cfg = dict(net.release_config, conf_thresh=args.conf_thresh, amp=False)
     with tempfile.TemporaryDirectory() as folder:
         extract_sources(args.release_dir, folder)
@@ -584,7 +616,7 @@ def main(argv=None) -> int:
                     "ours taking the release's state after each"))
     header = (f"Release {info['commit']}, {args.backbone}, seed {args.seed}, {len(cases)} (v, t) x {steps}; 2 + 2 + 2 "
               f"images of {args.size} x {args.size}, conf_thresh {args.conf_thresh}, float32 CPU, Bi-WKV "
-              f"'{info['wkv']}' (float64) in the release; torch {torch.__version__}; overrides: "
+              f"{wkv} in the release; torch {torch.__version__}; overrides: "
               f"{' '.join(args.overrides) or 'none'}.")
     confident = (f"Confident share of the unlabeled pixels (the release's mask_ratio): {min(table.mask_ratios):.2f} to "
                  f"{max(table.mask_ratios):.2f} over the iterations.")
