@@ -1,9 +1,11 @@
 import contextlib
 import os
+import re
 import runpy
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pytest
@@ -116,6 +118,18 @@ def concurrently(calls: dict) -> dict:
     futures = {key: pool.submit(call) for key, call in calls.items()}
     pool.shutdown(wait=False)
     return futures
+
+
+def start_runs(request, tmp_path_factory, calls: dict, key=lambda item: item.name) -> dict:
+    """{key: Future} of the calls {key: call(folder)} that the tests of request's module this session runs need
+    (key(item): a test's node name by default), started concurrently() in calls' order, each with an empty folder
+    named after its first test: a run whose tests are deselected (-k) is not started."""
+    tests = {}
+    for item in request.session.items:
+        if item.module is request.module:
+            tests.setdefault(key(item), item.name)
+    return concurrently({run: partial(call, tmp_path_factory.mktemp(re.sub(r"\W", "_", tests[run])))
+                         for run, call in calls.items() if run in tests})
 
 
 def train_command(tiny_voc, exp_dir, ngpus, *overrides):
