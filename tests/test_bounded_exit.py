@@ -388,8 +388,11 @@ def test_a_child_still_alive_at_exit_is_killed_after_the_grace():
     child.start()
     started = time.monotonic()
     assert kill_lingering_children(grace_s=0.5) == [child.pid]
-    assert not child.is_alive() and child.exitcode == -signal.SIGKILL
-    assert time.monotonic() - started < 0.5 + 5
+    took = time.monotonic() - started
+    # SIGKILLed, though a loaded machine may take longer than the call's own join to end the process.
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert took < 0.5 + 5
 
 
 # The subprocess runs, each (function, its arguments): function(base folder, checkpoint_with_workers, *arguments)
