@@ -1,9 +1,12 @@
 import contextlib
 import os
+import re
 import runpy
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,8 +16,9 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# torch on one thread in the whole suite, as command_env gives every subprocess: the in-process runs share the CPUs
-# with subprocess runs going on meanwhile, where a second intra-op thread only contends (several times the time).
+# torch on one thread in the suite (a module computing alone may ask for two: two_threads_if_idle), as command_env gives
+# every subprocess: the in-process runs share the CPUs with subprocess runs going on meanwhile, where a second intra-op
+# thread only contends (several times the time).
 torch.set_num_threads(1)
 
 
@@ -27,6 +31,35 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def idle_cpus(interval_s: float = 0.25) -> float:
+    """How many of this process's CPUs were idle over the next interval_s (from /proc/stat), this process asleep."""
+    def idle_and_total():
+        cpus, times = {f"cpu{index}" for index in os.sched_getaffinity(0)}, {}
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if name in cpus:
+                    values = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    times[name] = (values[3] + values[4], sum(values))
+        return times
+
+    before = idle_and_total()
+    time.sleep(interval_s)
+    after = idle_and_total()
+    return sum((after[cpu][0] - before[cpu][0]) / max(after[cpu][1] - before[cpu][1], 1) for cpu in after)
+
+
+@pytest.fixture(scope="module")
+def two_threads_if_idle():
+    """torch on two threads in a module that asks for it (pytestmark usefixtures), one whose tests compute with nothing
+    of theirs beside them, if two CPUs are idle as it starts: the second thread then has a CPU of its own (test_backbone
+    10.7 s instead of 18.0 on 2 idle cores), where on CPUs that other jobs keep busy it would wait for a descheduled
+    peer (test_trainer 6 times the time). One thread after."""
+    torch.set_num_threads(2 if idle_cpus() >= 1.8 else 1)
+    yield
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):
@@ -116,6 +149,18 @@ def concurrently(calls: dict) -> dict:
     futures = {key: pool.submit(call) for key, call in calls.items()}
     pool.shutdown(wait=False)
     return futures
+
+
+def start_runs(request, tmp_path_factory, calls: dict, key=lambda item: item.name) -> dict:
+    """{key: Future} of the calls {key: call(folder)} that the tests of request's module this session runs need
+    (key(item): a test's node name by default), started concurrently() in calls' order, each with an empty folder
+    named after its first test: a run whose tests are deselected (-k) is not started."""
+    tests = {}
+    for item in request.session.items:
+        if item.module is request.module:
+            tests.setdefault(key(item), item.name)
+    return concurrently({run: partial(call, tmp_path_factory.mktemp(re.sub(r"\W", "_", tests[run])))
+                         for run, call in calls.items() if run in tests})
 
 
 def train_command(tiny_voc, exp_dir, ngpus, *overrides):

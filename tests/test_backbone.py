@@ -6,6 +6,9 @@ import torch
 
 from model.backbone import BACKBONES, PretrainedError, build_backbone, load_pretrained
 
+# Nothing runs beside these tests: torch on two threads where two CPUs are idle (conftest).
+pytestmark = pytest.mark.usefixtures("two_threads_if_idle")
+
 # Smallest input on which stride 32 still leaves a 1x1 c4.
 IMAGE_SIZE = 32
 DILATION_SETTINGS = {

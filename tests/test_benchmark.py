@@ -10,18 +10,19 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, concurrently, run
+from conftest import REPO, run, start_runs
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bad_sections():
-    """Future of the CompletedProcess of the script, given sections it does not have, in a real interpreter: started
-    before the report so that its interpreter start overlaps the report's run in this process."""
-    return concurrently({"run": lambda: run([sys.executable, "scripts/benchmark.py", "--sections", "1,7"],
-                                            check=False)})["run"]
+def bad_sections(request, tmp_path_factory):
+    """{test node name: Future of the CompletedProcess} of the script, given sections it does not have, in a real
+    interpreter, if its test runs: started before the report so that its interpreter start overlaps the report's run
+    in this process."""
+    return start_runs(request, tmp_path_factory, {"test_bad_sections_are_refused_in_one_line": lambda folder: run(
+        [sys.executable, "scripts/benchmark.py", "--sections", "1,7"], check=False)})
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,9 @@ def test_multi_resolution_input_saves_more_activations_than_isvc(report):
     assert mri_saved > isvc_saved > float(rows["baseline (FixMatch)"][2])
 
 
-def test_bad_sections_are_refused_in_one_line(bad_sections):
+def test_bad_sections_are_refused_in_one_line(bad_sections, request):
     """Through a real interpreter: the exit status a shell sees."""
-    result = bad_sections.result()
+    result = bad_sections[request.node.name].result()
     assert result.returncode == 2
     assert "--sections '1,7': expected numbers from 1 to 6" in result.stderr
 

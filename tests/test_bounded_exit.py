@@ -6,7 +6,6 @@ way out), under an alarm. Where the process boundary is what is tested (a proces
 signals, a killed launcher) a run is a subprocess with a hard timeout; those runs all start when the module's first
 test does, and run while the in-process tests do. Either way a hang fails its test, it never hangs the suite."""
 import contextlib
-import functools
 import glob
 import logging
 import multiprocessing
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import scalematch
 import util.evaluation
-from conftest import (REPO, command_env, concurrently, one_thread, run_script, train_command, train_in_process,
+from conftest import (REPO, command_env, one_thread, run_script, start_runs, train_command, train_in_process,
                       write_tiny_voc)
 from model import build_model
 from test_fault_tolerance import checkpoint_iteration
@@ -257,17 +256,19 @@ def checkpoint_with_workers(tmp_path_factory):
     return str(path), data_root
 
 
+def run_of(item):
+    """The subprocess run (its `run` parameter) a test of this module checks; None for the others."""
+    return item.callspec.params.get("run") if hasattr(item, "callspec") else None
+
+
 @pytest.fixture(scope="module", autouse=True)
 def subprocess_runs(request, tmp_path_factory, checkpoint_with_workers):
     """{run: Future of its outcome} for the subprocess run (`run` parameter) of every selected test of this module,
     all started when its first test starts, at most one per CPU at a time: they take the wall time of their share,
     and the in-process tests run meanwhile. A run that fails or hangs raises from its Future (bounded by its
     timeout); none outlives the module."""
-    selected = [item.callspec.params.get("run") for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec")]
-    runs = [run for run in ALL_RUNS if run in selected]  # the longest first
-    futures = concurrently({run: functools.partial(run[0], tmp_path_factory.mktemp(run[0].__name__),
-                                                   checkpoint_with_workers, *run[1:]) for run in runs})
+    futures = start_runs(request, tmp_path_factory, {  # the longest first
+        run: lambda base, run=run: run[0](base, checkpoint_with_workers, *run[1:]) for run in ALL_RUNS}, key=run_of)
     yield futures
     for future in futures.values():
         future.exception()
@@ -387,8 +388,11 @@ def test_a_child_still_alive_at_exit_is_killed_after_the_grace():
     child.start()
     started = time.monotonic()
     assert kill_lingering_children(grace_s=0.5) == [child.pid]
-    assert not child.is_alive() and child.exitcode == -signal.SIGKILL
-    assert time.monotonic() - started < 0.5 + 5
+    took = time.monotonic() - started
+    # SIGKILLed, though a loaded machine may take longer than the call's own join to end the process.
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert took < 0.5 + 5
 
 
 # The subprocess runs, each (function, its arguments): function(base folder, checkpoint_with_workers, *arguments)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import eval as evaluation
-from conftest import REPO, concurrently, run, run_script
+from conftest import REPO, run, run_script, start_runs
 from dataset.semi import build_val_dataset
 from model import build_model
 from model.release import ReleaseStateError, convert_state_dict, project_name, release_state_dict
@@ -264,20 +264,22 @@ def test_errors_are_one_line_and_write_nothing(case, release_files, tmp_path, mo
 
 
 @pytest.fixture(scope="module", autouse=True)
-def script_run(release_files, tmp_path_factory):
-    """(source, out, Future of the CompletedProcess) of the script run by a real interpreter on the class_count case,
-    started with the module so that its interpreter start overlaps the tests that run in this process."""
-    folder = tmp_path_factory.mktemp("script_run")
-    source, out = folder / "class_count.pth", folder / "out" / "converted.pth"
-    write_error_case("class_count", release_files[1], source)
-    command = [*SCRIPT, str(source), str(out), "--config", CONFIG, *NETWORK, *ERROR_CASES["class_count"][1]]
-    return source, out, concurrently({"run": lambda: run(command, check=False)})["run"]
+def script_run(request, release_files, tmp_path_factory):
+    """{test node name: Future of (source, out, CompletedProcess)} of the script run by a real interpreter on the
+    class_count case, started with the module if its test runs, so that its interpreter start overlaps the tests that
+    run in this process."""
+    def class_count(folder):
+        source, out = folder / "class_count.pth", folder / "out" / "converted.pth"
+        write_error_case("class_count", release_files[1], source)
+        command = [*SCRIPT, str(source), str(out), "--config", CONFIG, *NETWORK, *ERROR_CASES["class_count"][1]]
+        return source, out, run(command, check=False)
+
+    return start_runs(request, tmp_path_factory, {"test_the_script_exits_with_status_2": class_count})
 
 
-def test_the_script_exits_with_status_2(script_run):
+def test_the_script_exits_with_status_2(script_run, request):
     """The same through a real interpreter: the exit status a shell sees."""
-    source, out, future = script_run
-    result = future.result()
+    source, out, result = script_run[request.node.name].result()
     assert_one_line_error("class_count", result.returncode, result.stdout, result.stderr, source, out)
 
 

@@ -4,16 +4,14 @@ import contextlib
 import errno
 import glob
 import os
-import re
 import shutil
 import signal
-from functools import partial
 
 import pytest
 import torch
 
 import scalematch
-from conftest import EXACT, REPO, concurrently, fault_command, one_thread, run, train, train_in_process
+from conftest import EXACT, REPO, fault_command, one_thread, run, start_runs, train, train_in_process
 
 
 def checkpoint_iteration(path):
@@ -21,14 +19,6 @@ def checkpoint_iteration(path):
         return torch.load(path, map_location="cpu", weights_only=True)["iteration"]
     except (FileNotFoundError, RuntimeError, EOFError):
         return -1
-
-
-def start_runs(request, tmp_path_factory, calls):
-    """concurrently() the calls of the tests of request's module that this session runs, {test node name:
-    call(exp_dir)}, each with an empty exp_dir of its own (named after its test): {test node name: Future}."""
-    chosen = {item.name for item in request.session.items if item.module is request.module}
-    return concurrently({name: partial(call, tmp_path_factory.mktemp(re.sub(r"\W", "_", name)))
-                         for name, call in calls.items() if name in chosen})
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
-from conftest import REPO, command_env, fault_command, run, train, train_in_process, write_tiny_voc
-from test_fault_tolerance import checkpoint_iteration, start_runs
+from conftest import REPO, command_env, fault_command, run, start_runs, train, train_in_process, write_tiny_voc
+from test_fault_tolerance import checkpoint_iteration
 from util.config import ConfigError, check_batch_size, without_idle_cif
 from util.events import RunEvents
 from util.logging import setup_logger

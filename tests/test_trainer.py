@@ -9,6 +9,9 @@ import scalematch
 from model import build_model
 from util.config import validate
 
+# Nothing runs beside these tests: torch on two threads where two CPUs are idle (conftest).
+pytestmark = pytest.mark.usefixtures("two_threads_if_idle")
+
 NCLASS = 4
 CPU = torch.device("cpu")
 

@@ -14,10 +14,6 @@ import sys
 from typing import NamedTuple
 
 
-from util.compat import processes_could_not_meet
-from util.dist import LAUNCHER_PID_VARIABLE
-
-
 def _exit_status(exitcode: int) -> int:
     """A process's exit code as a shell reports it: 128 + the signal for one killed by a signal."""
     return 128 - exitcode if exitcode < 0 else exitcode
@@ -103,10 +99,14 @@ def launch(nproc: int, command: list[str]) -> int:
     # torchrun's own log lines (the OMP_NUM_THREADS notice, shutdown chatter, the ChildFailedError table) would bury
     # the one line below; LOGLEVEL=INFO brings them back (some of its loggers read LOGLEVEL when they are created).
     level = os.environ.setdefault("LOGLEVEL", "CRITICAL")
+    # torch is imported only now, past the settings' checks: a setting that cannot work is told without its seconds.
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import get_args_parser, run
+
+    from util.compat import processes_could_not_meet
+    from util.dist import LAUNCHER_PID_VARIABLE
 
     for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
         logging.getLogger(name).setLevel(level)
