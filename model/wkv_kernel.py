@@ -4,12 +4,13 @@
 The kernel gives each (image, channel) 32 threads; thread n owns the token chunk [n L, n L + L), L = ceil(T / 32).
 Each thread sums its chunk both ways, the threads exchange their sums through shared memory, then each walks its
 chunk emitting y. Here every statement of a thread is one tensor operation over (batch, chunk, channel), so the loops
-run L and 32 times rather than T, in the kernel's order of operations and with its running stabilisers.
+run L and 32 times rather than T, with its running stabilisers and, but for the order of a few final sums (the k,
+v gradients' two halves, the w and u gradients over chunks), its order of operations.
 
 What it computes differs from the formula that ``model/rwkv.py`` computes exactly (measured in docs/release.md):
 tokens after t and tokens before t's chunk are decayed by |t - i| instead of |t - i| - 1; tokens i of t's own chunk
-with chunk start < i <= t keep a residual weight (1 - e^w) e^{w (t - i)} (its right-hand running sum subtracts a token
-after decaying it one step); the 1e-6 of the denominator is relative to its stabiliser. Its backward is not the
+with chunk start < i <= t keep a residual weight (1 - e^w) e^{w (t - i)} (its sum over the tokens after t is undecayed
+by e^w, then the next token is subtracted at e^{k + w}); the 1e-6 of the denominator is relative to its stabiliser. Its backward is not the
 derivative of that forward: for u, k and v it evaluates the formula's gradient terms at the kernel's outputs and
 denominators; only its w gradient is the forward's derivative.
 """
