@@ -54,14 +54,12 @@ class _Chunks:
         return chunked.flatten(1, 2)[:, :self.num_tokens]
 
 
-def _push(sums: list, largest, step, weight, exponent, y=None):
-    """One stabilised step of the kernel's running sums: decay by e^step (as an exponent), then add weight
-    e^exponent (the first sum times y when given); returns the sums and their new stabiliser."""
+def _push(sums: list, largest, step, weight, exponent, y):
+    """One stabilised step of the kernel's pair of running gradient sums: decay both by e^step (as an exponent), then
+    add weight e^exponent, times y to the first; returns the pair and its new stabiliser."""
     decayed = largest + step
     new = torch.maximum(decayed, exponent)
     scale, added = torch.exp(decayed - new), weight * torch.exp(exponent - new)
-    if y is None:
-        return [total * scale + added for total in sums], new
     return [sums[0] * scale + added * y, sums[1] * scale + added], new
 
 
