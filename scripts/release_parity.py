@@ -40,6 +40,7 @@ from model.release import project_name  # noqa: E402
 from model.rwkv import bi_wkv  # noqa: E402
 from scripts.convert_release_checkpoint import convert  # noqa: E402
 from scripts.release_eval_parity import evaluation_parity  # noqa: E402
+from util.config import load_config  # noqa: E402
 
 TOLERANCE = 1e-4
 DEFAULT_TOOL = ROOT.parent / "shared" / "tools" / "release_model.py"
@@ -192,7 +193,8 @@ def main(argv=None) -> int:
         lines += ["", f"{time.time() - started:.0f} s on {os.cpu_count()} CPU cores."]
         return print_report(lines, args.markdown, passed)
     # This codebase's emulation of the release kernel is compared with the tool's; its formula with the formula.
-    release_wkv = "kernel" if "cif_wkv=release_kernel" in args.overrides else "paper"
+    ours = load_config(str(ROOT / "configs" / "pascal.yaml"), [f"backbone={args.backbone}", *args.overrides])
+    release_wkv = "kernel" if ours["cif_wkv"] == "release_kernel" else "paper"
     try:
         net = tool.build_release_model(args.release_dir, nclass=21, backbone=args.backbone, seed=args.seed,
                                        wkv=release_wkv)

@@ -573,7 +573,7 @@ def main(argv=None) -> int:
         raise ReleaseSourceError(str(error)) from None
     # This codebase's emulation of the release kernel meets the kernels of the release's own source.
     wkv = "the formula (float64)"
-    if "cif_wkv=release_kernel" in args.overrides:
+    if cfg["cif_wkv"] == "release_kernel":
         use_translated_kernels(net, args.release_dir)
         wkv = "its wkv_cuda.cu kernels translated (float64)"
     release_cfg = dict(net.release_config, conf_thresh=args.conf_thresh, amp=False)

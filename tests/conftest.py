@@ -66,7 +66,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (scripts/gpu_check.sh runs them)")
 
 
+def reads_a_session_run(item) -> bool:
+    return item.name in getattr(item.module, "SESSION_RUNS", {})
+
+
 def pytest_collection_modifyitems(config, items):
+    # The tests that read a session run go last: the in-process tests run while their runs go on.
+    items.sort(key=reads_a_session_run)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
@@ -198,9 +204,43 @@ def fault_command(tiny_voc, exp_dir, nproc, fault, *overrides):
 EXACT = ["deterministic=true", "checkpoint_interval=1", "epochs=2", "image_log_interval=0"]
 
 
-@pytest.fixture(scope="session")
-def two_process_reference_run(tiny_voc, tmp_path_factory):
+def two_process_reference(exp_dir, tiny_voc):
     """latest.pth of an uninterrupted EXACT run on two torchrun processes: 2 iterations x 2 epochs."""
-    exp_dir = tmp_path_factory.mktemp("two_process_reference")
     train(tiny_voc, exp_dir, 2, *EXACT, "run_name=straight")
     return torch.load(exp_dir / "pascal" / "tiny" / "straight" / "latest.pth", weights_only=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_runs(request, tmp_path_factory):
+    """{(module name, test or fixture name): Future of its outcome} of the runs in processes of their own whose
+    outcome a test only reads, all started as the session starts, one at a time beside the in-process tests (which
+    keep the other CPU): the shared two_process_reference_run if a selected test asks for it, then each selected
+    test's of a module's SESSION_RUNS = {test node name: call(folder, tiny_voc)}, in the order of their tests, which
+    run last (pytest_collection_modifyitems). A run that fails or hangs raises from its Future (bounded by its
+    timeout); none outlives the session."""
+    calls = {}
+    if any("two_process_reference_run" in item.fixturenames for item in request.session.items):
+        calls[(__name__, "two_process_reference_run")] = two_process_reference
+    for item in filter(reads_a_session_run, request.session.items):
+        calls[(item.module.__name__, item.name)] = item.module.SESSION_RUNS[item.name]
+    if not calls:
+        yield {}
+        return
+    data = request.getfixturevalue("tiny_voc")
+    pool = ThreadPoolExecutor(max_workers=1)
+    futures = {key: pool.submit(call, tmp_path_factory.mktemp(re.sub(r"\W", "_", key[1])), data)
+               for key, call in calls.items()}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def session_run(request, session_runs):
+    """The outcome of this test's run of its module's SESSION_RUNS, once it has ended."""
+    return session_runs[(request.module.__name__, request.node.name)].result()
+
+
+@pytest.fixture(scope="session")
+def two_process_reference_run(session_runs):
+    """latest.pth of two_process_reference, started with the session."""
+    return session_runs[(__name__, "two_process_reference_run")].result()

@@ -10,23 +10,19 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run, start_runs
+from conftest import REPO, run
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import benchmark  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def bad_sections(request, tmp_path_factory):
-    """{test node name: Future of the CompletedProcess} of the script, given sections it does not have, in a real
-    interpreter, if its test runs: started before the report so that its interpreter start overlaps the report's run
-    in this process."""
-    return start_runs(request, tmp_path_factory, {"test_bad_sections_are_refused_in_one_line": lambda folder: run(
-        [sys.executable, "scripts/benchmark.py", "--sections", "1,7"], check=False)})
+# The script, given sections it does not have, in a real interpreter: started with the session (conftest).
+SESSION_RUNS = {"test_bad_sections_are_refused_in_one_line": lambda folder, tiny_voc: run(
+    [sys.executable, "scripts/benchmark.py", "--sections", "1,7"], check=False)}
 
 
 @pytest.fixture(scope="module")
-def report(bad_sections):
+def report():
     """What ``python scripts/benchmark.py --quick --threads 1`` prints: its main run in this process (an interpreter's
     start spared). The torch threads it sets and the random generators it seeds are restored after."""
     threads, python_random = torch.get_num_threads(), random.getstate()
@@ -81,9 +77,9 @@ def test_multi_resolution_input_saves_more_activations_than_isvc(report):
     assert mri_saved > isvc_saved > float(rows["baseline (FixMatch)"][2])
 
 
-def test_bad_sections_are_refused_in_one_line(bad_sections, request):
+def test_bad_sections_are_refused_in_one_line(session_run):
     """Through a real interpreter: the exit status a shell sees."""
-    result = bad_sections[request.node.name].result()
+    result = session_run
     assert result.returncode == 2
     assert "--sections '1,7': expected numbers from 1 to 6" in result.stderr
 

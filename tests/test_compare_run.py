@@ -165,22 +165,30 @@ def assert_png_line(out: str, png: Path) -> None:
         assert out.rstrip().splitlines()[-1] == f"PNG: {png}" and png.stat().st_size > 1000
 
 
-def test_end_to_end_a_config_file_run_held_against_a_log(tmp_path):
-    """train.sh with a config file (its split its own) writes a real train.log that compare_run reads."""
+def config_file_run_held_against_a_log(folder, tiny_voc):
+    """The CompletedProcess of compare_run.py on the run of train.sh with a config file (its split its own)."""
     config = yaml.safe_load((Path(REPO) / "configs" / "synthetic.yaml").read_text())
     # Its split folder: the shipped 1_16, with 4 of the 80 validation images (a validation costs a twentieth).
-    shipped, splits = Path(REPO) / "splits" / "synthetic", tmp_path / "splits" / "synthetic"
+    shipped, splits = Path(REPO) / "splits" / "synthetic", folder / "splits" / "synthetic"
     shutil.copytree(shipped / "1_16", splits / "1_16")
     (splits / "val.txt").write_text("".join((shipped / "val.txt").read_text().splitlines(keepends=True)[:4]))
-    config.update(split="1_16", splits_dir=str(tmp_path / "splits"), exp_dir=str(tmp_path / "exp"), run_name="t",
+    config.update(split="1_16", splits_dir=str(folder / "splits"), exp_dir=str(folder / "exp"), run_name="t",
                   epochs=1)
-    path = tmp_path / "tiny.yaml"
+    path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     run(["bash", "scripts/train.sh", str(path), "0", *TINY])
-    run_dir = tmp_path / "exp" / "synthetic" / "1_16" / "t"
+    run_dir = folder / "exp" / "synthetic" / "1_16" / "t"
     release = Path(REPO) / "tests" / "data" / "release_logs" / "resumed_1_8"
-    result = run([sys.executable, "scripts/compare_run.py", str(run_dir), "--release-log",
-                  str(release / "u2pl_1_8(1).log"), str(release / "u2pl_1_8(2).log"), "--no-png"])
+    return run([sys.executable, "scripts/compare_run.py", str(run_dir), "--release-log",
+                str(release / "u2pl_1_8(1).log"), str(release / "u2pl_1_8(2).log"), "--no-png"])
+
+
+SESSION_RUNS = {"test_end_to_end_a_config_file_run_held_against_a_log": config_file_run_held_against_a_log}
+
+
+def test_end_to_end_a_config_file_run_held_against_a_log(session_run):
+    """train.sh with a config file writes a real train.log that compare_run reads."""
+    result = session_run
     assert "step 2 of 2 (fraction 1.000), 1 validation(s)" in result.stdout
     # Iterations 1 and 2 of 2 fall in the log's epochs 1 and 3 of 4; every term of this codebase's log is read.
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]

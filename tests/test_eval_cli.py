@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import eval as eval_cli
-from conftest import REPO, run_script, start_runs
+from conftest import REPO, run_script
 from dataset.errors import DatasetError
 from model import build_model
 from util.checkpoint import CheckpointError
@@ -20,18 +20,16 @@ TINY_MODEL = {"backbone": "tv_resnet18", "pretrained": None, "cif": False, "crop
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torchrun_error(request, tmp_path_factory):
-    """{test node name: Future of (missing checkpoint, CompletedProcess)} of eval.py under torchrun on two processes,
-    given a checkpoint that does not exist; started with the module, if its test runs, so that its three interpreter
-    starts overlap the tests that run in this process."""
-    def under_torchrun(folder):
-        missing = folder / "missing.pth"
-        command = [sys.executable, "-m", "util.launcher", "2", "eval.py", "--checkpoint", str(missing), "--cpu"]
-        return missing, subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+def under_torchrun(folder, tiny_voc):
+    """eval.py under torchrun on two processes, given a checkpoint that does not exist: (that path,
+    CompletedProcess)."""
+    missing = folder / "missing.pth"
+    command = [sys.executable, "-m", "util.launcher", "2", "eval.py", "--checkpoint", str(missing), "--cpu"]
+    return missing, subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
 
-    return start_runs(request, tmp_path_factory, {"test_an_error_under_torchrun_is_printed_once": under_torchrun})
+
+SESSION_RUNS = {"test_an_error_under_torchrun_is_printed_once": under_torchrun}
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +255,8 @@ def test_a_broken_image_symlink_in_the_predict_dir_is_named(tmp_path):
         eval_cli.list_images(str(photos))
 
 
-def test_an_error_under_torchrun_is_printed_once(torchrun_error, request):
+def test_an_error_under_torchrun_is_printed_once(session_run):
     """Before: once per process, then the launcher's own line. Real interpreters: the exit status a shell sees."""
-    missing, result = torchrun_error[request.node.name].result()
+    missing, result = session_run
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {missing}: no such checkpoint file"]

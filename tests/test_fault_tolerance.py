@@ -116,12 +116,11 @@ def differing_tensors(a, b):
     return [name for name, x, y in pairs if not torch.equal(x, y)]
 
 
-def test_two_process_run_killed_ends_identical_to_uninterrupted(runs, request):
+def test_two_process_run_killed_ends_identical_to_uninterrupted(runs, request, two_process_reference_run):
     """Each rank restores its own random states and (on CPU, where BatchNorm is per process) statistics: before, rank
     1 took rank 0's, and 191 of 227 model tensors ended different. Killed here: the launcher and both workers,
     after rank 0's second step."""
-    # The shared uninterrupted run is asked for here, not as an argument, so that it runs while the killed one does.
-    straight = request.getfixturevalue("two_process_reference_run")
+    straight = two_process_reference_run
     killed_code, after_kill, resumed, latest = runs[request.node.name].result()
     assert killed_code == -signal.SIGKILL and after_kill == 1
     assert f"resumed from {latest}" in resumed.stdout

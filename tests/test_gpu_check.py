@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, command_env, start_runs
+from conftest import REPO, command_env
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import gpu_check  # noqa: E402
@@ -207,18 +207,15 @@ def test_a_run_killed_mid_way_leaves_a_readable_report_of_the_parts_it_finished(
     assert not list(out.glob(".*.tmp"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def require_gpu_run(request, tmp_path_factory):
-    """{test node name: Future of (output folder, CompletedProcess)} of ``bash scripts/gpu_check.sh --require-gpu``
-    with the GPU hidden, started with the module if its test runs: its seconds of imports overlap the tests that wait
-    on stand-in parts."""
-    return start_runs(request, tmp_path_factory, {"test_require_gpu_without_a_gpu_exits_1_with_a_report": lambda out: (
-        out, gpu_check_command("--out", str(out), "--require-gpu"))})
+# ``bash scripts/gpu_check.sh --require-gpu`` with the GPU hidden, started with the session (conftest): (output
+# folder, CompletedProcess).
+SESSION_RUNS = {"test_require_gpu_without_a_gpu_exits_1_with_a_report": lambda out, tiny_voc: (
+    out, gpu_check_command("--out", str(out), "--require-gpu"))}
 
 
-def test_require_gpu_without_a_gpu_exits_1_with_a_report(require_gpu_run, request):
+def test_require_gpu_without_a_gpu_exits_1_with_a_report(session_run):
     """The script through gpu_check.sh in a real interpreter that sees no GPU: exit status 1, one line on stderr."""
-    tmp_path, result = require_gpu_run[request.node.name].result()
+    tmp_path, result = session_run
     assert result.returncode == 1
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("gpu_check: no CUDA GPU is visible")

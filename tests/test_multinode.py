@@ -126,24 +126,71 @@ def evaluated_alone(capsys, checkpoint) -> str:
     return capsys.readouterr().out
 
 
-def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_two_processes(
-        tiny_voc, tmp_path, two_process_reference_run, capsys):
-    run_dir = tmp_path / "pascal" / "tiny" / "two_nodes"
-    latest = run_dir / "latest.pth"
-    command = train_command(tiny_voc, tmp_path, 1, *EXACT, "run_name=two_nodes")
-
+def two_nodes_preempted_resumed_evaluated(folder, tiny_voc):
+    """Two nodes of one process each: pre-empted, then resumed, then evaluating: ((exit codes, outputs) of each
+    launch, latest.pth)."""
+    latest = folder / "pascal" / "tiny" / "two_nodes" / "latest.pth"
     # Pre-emption: SIGTERM reaches both nodes (as a scheduler sends it: launcher and worker) after their step 2, the
-    # end of epoch 0; rank 0 checkpoints, both exit 143.
+    # end of epoch 0.
     preempted = [sys.executable, "-m", "util.launcher", "1",
-                 *fault_command(tiny_voc, tmp_path, 1, ("SIGTERM", "step:2", "everything"), *EXACT,
+                 *fault_command(tiny_voc, folder, 1, ("SIGTERM", "step:2", "everything"), *EXACT,
                                 "run_name=two_nodes")[1:]]
-    codes, outputs = run_nodes([preempted, preempted])
+    launches = [run_nodes([preempted, preempted])]
+    latest_after_preemption = checkpoint_iteration(latest)
+    command = train_command(tiny_voc, folder, 1, *EXACT, "run_name=two_nodes")
+    launches.append(run_nodes([command, command]))
+    evaluate = [sys.executable, "-m", "util.launcher", "1", "eval.py", "--checkpoint", str(latest), "--cpu"]
+    launches.append(run_nodes([evaluate, evaluate]))
+    return launches, latest_after_preemption, latest
+
+
+def slurm_run(folder, tiny_voc):
+    """scripts/slurm_train.sh under stand-ins for srun (one task per node, here two on this machine) and scontrol:
+    (its CompletedProcess, latest.pth)."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2 $3" = "show hostnames fake[0-1]" ] || exit 9\n'
+                                      'printf "127.0.0.1\\nfake1\\n"\n')
+    # As srun --kill-on-bad-exit=1: a task that fails ends the others (node 1 would wait for a node 0 that is gone).
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
+                                  'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do\n'
+                                  '    SLURM_NODEID=$node "$@" & pids+=($!)\ndone\n'
+                                  'status=0; for _ in "${pids[@]}"; do wait -n || { status=$?; kill "${pids[@]}" '
+                                  '2>/dev/null; }; done\nexit $status\n')
+    for name in ("scontrol", "srun"):
+        (bin_dir / name).chmod(0o755)
+    # From another directory: sbatch runs a copy of the script, which finds the repository by SLURM_SUBMIT_DIR.
+    arguments = train_command(tiny_voc, folder, 1, "epochs=1", "iters_per_epoch=1", "run_name=slurm")[2:]
+    command = ["bash", os.path.join(REPO, "scripts", "slurm_train.sh"), *arguments]
+    env = {**command_env(), "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": REPO}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    for _ in range(3):  # another free port where the one found free was taken before node 0 bound it
+        result = subprocess.run(command, cwd=folder, env={**env, "MASTER_PORT": str(free_port())},
+                                capture_output=True, text=True, timeout=600)
+        if "EADDRINUSE" not in result.stderr:
+            break
+    return result, folder / "pascal" / "tiny" / "slurm" / "latest.pth"
+
+
+SESSION_RUNS = {
+    "test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_two_processes":
+        two_nodes_preempted_resumed_evaluated,
+    "test_the_slurm_script_starts_one_node_per_task": slurm_run}
+
+
+def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_two_processes(
+        session_run, two_process_reference_run, capsys):
+    (preempted, resumed, evaluated), latest_after_preemption, latest = session_run
+    run_dir = latest.parent
+
+    # Pre-emption: rank 0 checkpoints, both nodes exit 143.
+    codes, outputs = preempted
     assert codes == [143, 143], outputs
     assert "node 0 of 2: meeting at 127.0.0.1" in outputs[0][1] and "node 1 of 2" in outputs[1][1]
-    assert checkpoint_iteration(latest) == 2
+    assert latest_after_preemption == 2
     assert "checkpoint written at iteration 2" in outputs[0][1]
 
-    codes, outputs = run_nodes([command, command])
+    codes, outputs = resumed
     assert codes == [0, 0], outputs
     log = (run_dir / "train.log").read_text()
     assert "2 process(es) on cpu" in log and f"resumed from {latest}" in log
@@ -160,8 +207,7 @@ def test_two_nodes_train_are_preempted_resume_and_evaluate_like_one_node_with_tw
     assert two_nodes["best_miou"] == one_node["best_miou"]
 
     # eval.py across the two nodes counts every validation image once: the table one process prints.
-    evaluate = [sys.executable, "-m", "util.launcher", "1", "eval.py", "--checkpoint", str(latest), "--cpu"]
-    codes, outputs = run_nodes([evaluate, evaluate])
+    codes, outputs = evaluated
     assert codes == [0, 0], outputs
     alone = evaluated_alone(capsys, latest)
     table = alone[alone.index("class"):]
@@ -186,33 +232,11 @@ def test_a_node_that_cannot_see_the_run_directory_is_refused(tiny_voc, tmp_path,
         assert "Traceback" not in stderr
 
 
-def test_the_slurm_script_starts_one_node_per_task(tiny_voc, tmp_path):
-    """scripts/slurm_train.sh under stand-ins for srun (one task per node, here two on this machine) and scontrol."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2 $3" = "show hostnames fake[0-1]" ] || exit 9\n'
-                                      'printf "127.0.0.1\\nfake1\\n"\n')
-    # As srun --kill-on-bad-exit=1: a task that fails ends the others (node 1 would wait for a node 0 that is gone).
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
-                                  'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do\n'
-                                  '    SLURM_NODEID=$node "$@" & pids+=($!)\ndone\n'
-                                  'status=0; for _ in "${pids[@]}"; do wait -n || { status=$?; kill "${pids[@]}" '
-                                  '2>/dev/null; }; done\nexit $status\n')
-    for name in ("scontrol", "srun"):
-        (bin_dir / name).chmod(0o755)
-    # From another directory: sbatch runs a copy of the script, which finds the repository by SLURM_SUBMIT_DIR.
-    arguments = train_command(tiny_voc, tmp_path, 1, "epochs=1", "iters_per_epoch=1", "run_name=slurm")[2:]
-    command = ["bash", os.path.join(REPO, "scripts", "slurm_train.sh"), *arguments]
-    env = {**command_env(), "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": REPO}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    for _ in range(3):  # another free port where the one found free was taken before node 0 bound it
-        result = subprocess.run(command, cwd=tmp_path, env={**env, "MASTER_PORT": str(free_port())},
-                                capture_output=True, text=True, timeout=600)
-        if "EADDRINUSE" not in result.stderr:
-            break
+def test_the_slurm_script_starts_one_node_per_task(session_run):
+    result, latest = session_run
     assert result.returncode == 0, result.stderr
     assert "node 0 of 2: meeting at 127.0.0.1" in result.stderr and "node 1 of 2" in result.stderr
-    state = torch.load(tmp_path / "pascal" / "tiny" / "slurm" / "latest.pth", weights_only=True)
+    state = torch.load(latest, weights_only=True)
     assert len(state["processes"]) == 2 and state["iteration"] == 1
 
 

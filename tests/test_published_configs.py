@@ -100,13 +100,21 @@ def test_config_departs_from_configs_pascal_only_where_the_logs_do(path):
     assert {key for key in cfg if cfg[key] != base[key]} <= LOGGED_DEPARTURES
 
 
-def test_train_sh_names_a_published_config_and_refuses_a_missing_one(tmp_path):
-    missing = run(["bash", "scripts/train.sh", "published/pascal_original_93", "0"], check=False)
+def published_config_runs(folder, tiny_voc):
+    """train.sh given a published config that does not exist, then one that does with an empty data root."""
+    return (run(["bash", "scripts/train.sh", "published/pascal_original_93", "0"], check=False),
+            run(["bash", "scripts/train.sh", "published/pascal_original_92", "0", f"data_root={folder}",
+                 f"exp_dir={folder / 'exp'}"], check=False))
+
+
+SESSION_RUNS = {"test_train_sh_names_a_published_config_and_refuses_a_missing_one": published_config_runs}
+
+
+def test_train_sh_names_a_published_config_and_refuses_a_missing_one(session_run):
+    missing, started = session_run
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "no config file published/pascal_original_93" in missing.stderr
     assert "published/pascal_original_92" in missing.stderr
     # The config is found and its split (92) taken: the run stops at the images missing under an empty data root.
-    started = run(["bash", "scripts/train.sh", "published/pascal_original_92", "0", f"data_root={tmp_path}",
-                   f"exp_dir={tmp_path / 'exp'}"], check=False)
     assert started.returncode == 2 and started.stderr.startswith("error: splits/pascal/92/labeled.txt: ")
     assert started.stderr.count("\n") == 1

@@ -51,14 +51,22 @@ def _pascal_tree(root: Path, sources: Path) -> None:
             os.link(mask, root / mask_folder / Path(mask_rel).name)
 
 
-def test_train_script_runs_on_shipped_pascal_split(tmp_path):
-    data_root, exp_dir = tmp_path / "VOC2012", tmp_path / "exp"
-    _pascal_tree(data_root, tmp_path)
+def shipped_split_run(folder: Path, tiny_voc) -> Path:
+    """The run directory of train.sh's run on the shipped 1_16 split, given only data_root."""
+    data_root, exp_dir = folder / "VOC2012", folder / "exp"
+    _pascal_tree(data_root, folder)
     # Without splits_dir the script reads the shipped splits/pascal/; the rest keeps a CPU run to seconds.
     run(["bash", "scripts/train.sh", "pascal", "1_16", "0", f"data_root={data_root}", f"exp_dir={exp_dir}",
          "run_name=t", "backbone=tv_resnet18", "pretrained=null", "crop_size=16", "batch_size=2", "epochs=1",
          "iters_per_epoch=1", "workers=0", "amp=false"])
-    run_dir = exp_dir / "pascal" / "1_16" / "t"
+    return exp_dir / "pascal" / "1_16" / "t"
+
+
+SESSION_RUNS = {"test_train_script_runs_on_shipped_pascal_split": shipped_split_run}
+
+
+def test_train_script_runs_on_shipped_pascal_split(session_run):
+    run_dir = session_run
     state = torch.load(run_dir / "latest.pth", map_location="cpu", weights_only=True)
     assert (state["epoch"], state["iteration"]) == (0, 1)
     log = (run_dir / "train.log").read_text()
