@@ -269,6 +269,8 @@ def train_step(run: Run, batch: dict, epoch: int) -> StepOutput:
     non-finite loss with on_nonfinite_loss: skip, nothing, its BatchNorm updates undone), then the next step's rate.
     All processes take the same branch. Advances run.progress."""
     cfg, model, progress = run.cfg, run.model, run.progress
+    if run.stop is not None:
+        run.stop.check_interrupt()
     # A skipped step must leave the model as it was, and its forward passes move BatchNorm's running statistics.
     skippable = cfg["on_nonfinite_loss"] == "skip"
     buffers_before = [buffer.clone() for buffer in model.buffers()] if skippable else None
@@ -491,12 +493,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg, cif_note = without_idle_cif(load_config(args.config, args.overrides))
     rank, world_size, local_rank, device = init_distributed(force_cpu=args.cpu)
-    stop = StopSignal()
-    check_batch_size(cfg, world_size, device.type)
-    run_dir = run_directory(cfg, args.overrides)
-    # The teardown ends before the directory is released, so no worker outlives the lock or a start-up clean-up.
-    with claimed_run_directory(run_dir, rank == 0, START_UP_ERRORS) as notes, Teardown() as teardown:
-        train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, *notes], teardown)
+    with StopSignal() as stop:
+        check_batch_size(cfg, world_size, device.type)
+        run_dir = run_directory(cfg, args.overrides)
+        # The teardown ends before the directory is released, so no worker outlives the lock or a start-up clean-up.
+        with claimed_run_directory(run_dir, rank == 0, START_UP_ERRORS) as notes, Teardown() as teardown:
+            train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, *notes], teardown)
     cleanup()
 
 

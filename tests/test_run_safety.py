@@ -13,6 +13,7 @@ import pytest
 import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
+import scalematch
 from conftest import REPO, command_env, fault_command, run, start_runs, train, train_in_process, write_tiny_voc
 from test_fault_tolerance import checkpoint_iteration
 from util.config import ConfigError, check_batch_size, without_idle_cif
@@ -200,6 +201,39 @@ def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(runs, request, momen
                                                       "same command to resume")
     assert checkpoint_iteration(latest) == 1
     assert not [name for name in os.listdir(os.path.dirname(latest)) if name.endswith(".tmp")]
+
+
+def test_a_ctrl_c_inside_a_finalizer_stops_the_run_at_the_next_step(tiny_voc, tmp_path, monkeypatch, capsys):
+    """Python prints and drops an exception raised inside __del__: before, a Ctrl-C that arrived while a loader
+    iterator's __del__ joined its workers was lost, and the run trained on to its end (exit 0). Here it arrives
+    inside a finalizer during step 2; that step must not run."""
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    real, steps = scalematch.train_step, []
+
+    def step(run, batch, epoch):
+        steps.append(run.progress["iteration"])
+        if len(steps) == 2:
+            Finalized()  # collected at once, its __del__ meets the Ctrl-C
+        return real(run, batch, epoch)
+
+    monkeypatch.setattr(scalematch, "train_step", step)
+    # Ctrl-C's default action, as in a terminal, even where the suite was started in the background (ignored there).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = train_in_process(tiny_voc, tmp_path, "epochs=2", "checkpoint_interval=1", "image_log_interval=0",
+                                "run_name=finalizer")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone with it
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err and "Exception ignored" not in err
+    assert err.strip().splitlines()[-1] == ("interrupted: the last checkpoint is left as it was; rerun the same "
+                                            "command to resume")
+    assert steps == [0, 1]
+    assert checkpoint_iteration(tmp_path / "pascal" / "tiny" / "finalizer" / "latest.pth") == 1
 
 
 def test_a_start_up_error_under_torchrun_is_printed_once(runs, request):

@@ -34,15 +34,49 @@ class NonFiniteModel(Exception):
     """The model's weights or running statistics hold NaN or inf: nothing more is saved."""
 
 
+def _inside_a_finalizer(frame) -> bool:
+    """Whether `frame` runs inside a __del__: an exception raised there is printed and ignored by Python."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 class StopSignal:
     """Remembers why the run should stop at the next step boundary, with a checkpoint: a SIGTERM (cluster
-    pre-emption) or, under torchrun, the end of the launcher (its workers would otherwise train on unwatched)."""
+    pre-emption) or, under torchrun, the end of the launcher (its workers would otherwise train on unwatched).
+    Ctrl-C (SIGINT) stops at once, as Python's own handler does, except inside a finalizer (a loader iterator's
+    __del__ joining its workers), where Python would print and drop the KeyboardInterrupt and the run train on:
+    there it is raised at the next step boundary instead (``check_interrupt``)."""
 
     def __init__(self):
         self.reason = None
-        signal.signal(signal.SIGTERM, self._handle)
+        self.interrupted = False
+        self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._handle)}
+        # A process started with Ctrl-C ignored (nohup, a background job) keeps ignoring it.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         if under_torchrun():
             watch_launcher(lambda: self.request("the torchrun launcher ended"))
+
+    def __enter__(self) -> StopSignal:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """The handlers before, back (a run inside another program, such as a test, leaves it as it was)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _interrupt(self, signum, frame):
+        self.interrupted = True
+        if not _inside_a_finalizer(frame):
+            raise KeyboardInterrupt
+
+    def check_interrupt(self) -> None:
+        """Raise the KeyboardInterrupt of a Ctrl-C that arrived inside a finalizer."""
+        if self.interrupted:
+            raise KeyboardInterrupt
 
     def request(self, reason: str) -> None:
         self.reason = self.reason or reason
