@@ -2,7 +2,7 @@
 
 from model.backbone import build_backbone
 from model.cif import CrossScaleInteractionFusion
-from model.deeplabv3plus import HEAD_CHANNELS, DeepLabV3Plus
+from model.deeplabv3plus import DeepLabV3Plus
 from model.scalematch import ScaleMatchNet
 
 
@@ -12,6 +12,7 @@ def build_model(cfg: dict) -> ScaleMatchNet:
     backbone = build_backbone(cfg["backbone"], cfg["replace_stride_with_dilation"], cfg["pretrained"])
     cif = None
     if cfg["cif"]:
-        cif = CrossScaleInteractionFusion(HEAD_CHANNELS, cfg["cif_channels"], cfg["cif_blocks"],
+        cif = CrossScaleInteractionFusion(cfg["head_channels"], cfg["cif_channels"], cfg["cif_blocks"],
                                           cfg["cif_gate_channels"], cfg["cif_gate"], wkv=cfg["cif_wkv"])
-    return ScaleMatchNet(DeepLabV3Plus(backbone, cfg["nclass"], cfg["dilations"]), cif, cfg["scaled_views_update_bn"])
+    segmenter = DeepLabV3Plus(backbone, cfg["nclass"], cfg["dilations"], cfg["head_channels"])
+    return ScaleMatchNet(segmenter, cif, cfg["scaled_views_update_bn"])

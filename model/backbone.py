@@ -3,7 +3,9 @@
 Two families share one class:
 - ``resnet50`` / ``resnet101``: the deep-stem variant (three 3x3 convs, 3-64-64-128) that the
   community checkpoints used by semi-supervised segmentation (e.g. ``pretrained/resnet101.pth``) expect;
-- ``tv_resnet18/34/50/101``: torchvision's standard ResNets, matching torchvision's ImageNet weights.
+- ``tv_resnet18/34/50/101``: torchvision's standard ResNets, matching torchvision's ImageNet weights;
+- ``tv_resnet10``: torchvision's layout with one BasicBlock a stage (no ImageNet weights are published for it):
+  the smallest network that runs every code path, for the tests and quick CPU runs.
 """
 
 import logging
@@ -129,6 +131,7 @@ class ResNetBackbone(ResNet):
 BACKBONES = {
     "resnet50": partial(ResNetBackbone, Bottleneck, [3, 4, 6, 3], deep_stem=True),
     "resnet101": partial(ResNetBackbone, Bottleneck, [3, 4, 23, 3], deep_stem=True),
+    "tv_resnet10": partial(ResNetBackbone, BasicBlock, [1, 1, 1, 1]),
     "tv_resnet18": partial(ResNetBackbone, BasicBlock, [2, 2, 2, 2]),
     "tv_resnet34": partial(ResNetBackbone, BasicBlock, [3, 4, 6, 3]),
     "tv_resnet50": partial(ResNetBackbone, Bottleneck, [3, 4, 6, 3]),

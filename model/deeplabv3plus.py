@@ -12,7 +12,7 @@ from torch import nn
 
 from util.resize import rescale, resize_to
 
-HEAD_CHANNELS = 256
+HEAD_CHANNELS = 256  # the release's ASPP and decoder width
 LOW_LEVEL_CHANNELS = 48
 
 
@@ -66,17 +66,19 @@ class DeepLabV3Plus(nn.Module):
     Everything outside ``.backbone`` is the head, so optimisers can give it its own learning rate.
     """
 
-    def __init__(self, backbone: nn.Module, nclass: int, dilations: Sequence[int] = (6, 12, 18)) -> None:
+    def __init__(self, backbone: nn.Module, nclass: int, dilations: Sequence[int] = (6, 12, 18),
+                 head_channels: int = HEAD_CHANNELS) -> None:
         super().__init__()
         self.backbone = backbone
+        self.head_channels = head_channels
         low_channels, high_channels = backbone.channels[0], backbone.channels[-1]
-        self.aspp = ASPP(high_channels, dilations)
+        self.aspp = ASPP(high_channels, dilations, head_channels)
         self.reduce = _conv_bn_relu(low_channels, LOW_LEVEL_CHANNELS)
         self.fuse = nn.Sequential(
-            _conv_bn_relu(LOW_LEVEL_CHANNELS + HEAD_CHANNELS, HEAD_CHANNELS, kernel_size=3),
-            _conv_bn_relu(HEAD_CHANNELS, HEAD_CHANNELS, kernel_size=3),
+            _conv_bn_relu(LOW_LEVEL_CHANNELS + head_channels, head_channels, kernel_size=3),
+            _conv_bn_relu(head_channels, head_channels, kernel_size=3),
         )
-        self.classifier = nn.Conv2d(HEAD_CHANNELS, nclass, kernel_size=1)
+        self.classifier = nn.Conv2d(head_channels, nclass, kernel_size=1)
         # A module (not functional dropout) so that, as in UniMatch, the perturbation is active in train mode only.
         self.feature_dropout = nn.Dropout2d(0.5)
 
@@ -88,7 +90,7 @@ class DeepLabV3Plus(nn.Module):
     def decode(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the head on encoder features; return ``(logits, features)`` on the low-level grid.
 
-        ``features`` are the 256-channel fuse output that the classifier reads.
+        ``features`` are the ``head_channels``-channel fuse output that the classifier reads.
         """
         context = resize_to(self.aspp(high), low.shape[-2:])
         features = self.fuse(torch.cat([self.reduce(low), context], dim=1))

@@ -14,9 +14,9 @@ Defaults fit a small CPU (tv_resnet18, crop 96, batch 2); with --device cuda the
 with the deep stem, 21 classes, crop 513, batch 2 labeled + 2 unlabeled, fp16 autocast with the gradient scaler as the
 release), section 1 also compares the step with the release's logged time and section 2 adds the peak memory of a
 whole training process per image scale. Models are randomly initialised and inputs synthetic: speed and memory do not
-depend on the weights. --quick shrinks everything to check that the suite runs (its numbers mean nothing). On a CPU
-shared with other work, --threads 1 keeps timings stable: with every core busy, each multi-threaded op waits for its
-slowest thread.
+depend on the weights. --quick shrinks everything (tv_resnet10, a 32-channel head, crop 32) to check that the suite
+runs (its numbers mean nothing). On a CPU shared with other work, --threads 1 keeps timings stable: with every core
+busy, each multi-threaded op waits for its slowest thread.
 """
 import argparse
 import inspect
@@ -50,7 +50,7 @@ from benchmark_wkv import TARGETS as WKV_TARGETS  # noqa: E402
 from dataset.semi import SemiDataset  # noqa: E402
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, cutmix_box  # noqa: E402
 from model import build_model  # noqa: E402
-from util.config import ConfigError, validate  # noqa: E402
+from util.config import SCHEMA, ConfigError, validate  # noqa: E402
 from util.evaluation import averaged_predictor  # noqa: E402
 from util.inference import predict_probs, predict_sliding_window, window_spans  # noqa: E402
 
@@ -81,6 +81,7 @@ class Setup:
     warmup: int
     quick: bool
     nclass: int = NCLASS
+    head_channels: int = SCHEMA["head_channels"].default
     image_scales: tuple[float, ...] = ()
     scale_groups: tuple[tuple[float, ...], ...] = SCALE_GROUPS
     amp_dtype: torch.dtype | None = None
@@ -88,7 +89,8 @@ class Setup:
 
     def config(self, **overrides) -> dict:
         base = {"dataset": "synthetic", "data_root": "unused", "nclass": self.nclass, "backbone": self.backbone,
-                "pretrained": None, "crop_size": self.crop, "batch_size": self.batch}
+                "head_channels": self.head_channels, "pretrained": None, "crop_size": self.crop,
+                "batch_size": self.batch}
         return validate(dict(base, **overrides), "benchmark")
 
     def synchronize(self) -> None:
@@ -784,13 +786,15 @@ def make_setup(args: argparse.Namespace) -> Setup:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = Setup(device=device,
-                  backbone=args.backbone or ("tv_resnet18" if quick or not gpu else "resnet101"),
+                  backbone=args.backbone or ("tv_resnet10" if quick else "tv_resnet18" if not gpu else "resnet101"),
                   crop=args.crop or (32 if quick else 513 if gpu else 96),
                   batch=args.batch or 2,
                   steps=args.steps or (1 if quick else 5),
                   warmup=1 if quick or not gpu else 2,
                   quick=quick,
                   nclass=PASCAL_NCLASS if gpu and not quick else NCLASS)
+    if quick:
+        setup.head_channels = 32
     setup.amp_dtype = scalematch.autocast_dtype(setup.config(), device)
     # --quick keeps two image scales and one multi-scale group: enough to run every code path.
     setup.image_scales = (0.5, 2.0) if quick else tuple(setup.config()["img_scales"])

@@ -82,8 +82,9 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     dist.init_process_group(backend, device_id=device if backend == "nccl" else None, timeout=collective_timeout())
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    cfg = validate({"dataset": "synthetic", "data_root": "unused", "nclass": NCLASS, "backbone": "tv_resnet18",
-                    "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8}, "sync_bn_worker")
+    cfg = validate({"dataset": "synthetic", "data_root": "unused", "nclass": NCLASS, "backbone": "tv_resnet10",
+                    "head_channels": 32, "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8},
+                   "sync_bn_worker")
     torch.manual_seed(0)
     reference = build_model(cfg).to(device).train()
     # As scalematch.train: SyncBatchNorm, then the same DDP wrapper.

@@ -19,6 +19,7 @@ DILATION_SETTINGS = {
 CHANNELS = {
     "resnet50": (256, 512, 1024, 2048),
     "resnet101": (256, 512, 1024, 2048),
+    "tv_resnet10": (64, 128, 256, 512),
     "tv_resnet18": (64, 128, 256, 512),
     "tv_resnet34": (64, 128, 256, 512),
     "tv_resnet50": (256, 512, 1024, 2048),
@@ -28,6 +29,12 @@ CHANNELS = {
 
 def test_every_backbone_name_is_covered():
     assert set(CHANNELS) == set(BACKBONES)
+
+
+def test_tv_resnet10_has_one_basic_block_a_stage():
+    backbone = build_backbone("tv_resnet10")
+    assert [len(layer) for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)] == [1] * 4
+    assert type(backbone.layer1[0]).__name__ == "BasicBlock"
 
 
 @pytest.mark.parametrize("dilation", list(DILATION_SETTINGS), ids=str)

@@ -82,8 +82,8 @@ def test_cif_gate_prints_a_row_per_scale(tiny_voc, tmp_path, capsys):
                                                 str(tmp_path / "absent.pth"), "--cpu"], check=False)})["run"]
     data_root, splits_dir = tiny_voc
     cfg = validate({"dataset": "pascal", "data_root": str(data_root), "splits_dir": str(splits_dir), "split": "tiny", "nclass": 21,
-                    "backbone": "tv_resnet18", "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8,
-                    "crop_size": 32}, "test")
+                    "backbone": "tv_resnet10", "head_channels": 32, "pretrained": None, "cif_channels": 8,
+                    "cif_gate_channels": 8, "crop_size": 32}, "test")
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "epoch": 0}, tmp_path / "cif.pth")
     cif_gate.main(["--checkpoint", str(tmp_path / "cif.pth"), "--cpu", "--json", str(tmp_path / "gate.json"),
@@ -117,6 +117,7 @@ def test_a_gate_that_is_constant_matches_the_constant_gate_columns():
     """A gate head held at 0.8 everywhere (the weight of the lower-resolution side): the per-pixel columns must equal
     the constant-gate ones, which checks that mean * pred_1x + (1 - mean) * pred_v is the model's own blend."""
     for gate_input in ("release", "paper"):
+        # tv_resnet18's 256-channel head: the narrow test network's 1x and v = 2 predictions agree on every pixel.
         cfg = validate({"dataset": "pascal", "data_root": "unused", "nclass": 4, "backbone": "tv_resnet18",
                         "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8, "cif_gate": gate_input,
                         "crop_size": 32}, "test")

@@ -221,6 +221,7 @@ def _config(**overrides):
         "nclass": 3,
         "replace_stride_with_dilation": [False, True, True],
         "dilations": [6, 12, 18],
+        "head_channels": 256,
         "pretrained": None,
         "cif": False,
         "scaled_views_update_bn": False,
@@ -237,6 +238,18 @@ def test_build_model_from_config():
     net.eval()
     with torch.no_grad():
         assert net.encode(torch.randn(1, 3, 64, 64))[1].shape[-1] == 8
+
+
+def test_head_channels_set_the_aspp_the_decoder_and_the_cif_it_feeds():
+    net = build_model(_config(backbone="tv_resnet10", head_channels=16, cif=True, cif_channels=8, cif_blocks=1,
+                              cif_gate_channels=8, cif_gate="release", cif_wkv="formula"))
+    segmenter = net.segmenter
+    assert segmenter.aspp.project[0].out_channels == segmenter.fuse[-1][0].out_channels == 16
+    assert segmenter.classifier.in_channels == 16
+    assert net.cif.reduce[0].in_channels == 2 * 16  # the concatenated decoder features of the two views
+    with torch.no_grad():
+        logits, features = segmenter.eval().decode(*segmenter.encode(torch.randn(1, 3, 32, 32)))
+    assert features.shape == (1, 16, 8, 8) and logits.shape == (1, 3, 8, 8)
 
 
 def test_build_model_loads_pretrained_backbone(tmp_path):

@@ -15,8 +15,8 @@ from model import build_model
 from util.checkpoint import CheckpointError
 from util.config import validate
 
-TINY_MODEL = {"backbone": "tv_resnet18", "pretrained": None, "cif": False, "crop_size": 32, "workers": 0,
-              "amp": False, "dataset": "pascal", "nclass": 21, "split": "tiny"}
+TINY_MODEL = {"backbone": "tv_resnet10", "head_channels": 32, "pretrained": None, "cif": False, "crop_size": 32,
+              "workers": 0, "amp": False, "dataset": "pascal", "nclass": 21, "split": "tiny"}
 
 
 

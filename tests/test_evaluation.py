@@ -51,7 +51,8 @@ def encoded_val(tmp_path_factory):
         Image.fromarray(mask).save(root / "masks" / f"{name}.png")
     (splits / "pascal" / "val.txt").write_text("images/halves.png masks/halves.png\nimages/block.png masks/block.png\n")
     cfg = validate({"dataset": "pascal", "nclass": NCLASS, "data_root": str(root), "splits_dir": str(splits),
-                    "split": "tiny", "crop_size": 16, "workers": 0, "backbone": "tv_resnet18", "pretrained": None},
+                    "split": "tiny", "crop_size": 16, "workers": 0, "backbone": "tv_resnet10", "head_channels": 32,
+                    "pretrained": None},
                    source="test")
     return cfg, build_val_dataset(cfg, cfg["splits_dir"])
 

@@ -6,9 +6,10 @@ import torch
 from model import build_model
 from util.resize import rescale, resize_to
 
-CFG = {"backbone": "tv_resnet18", "nclass": 4, "replace_stride_with_dilation": [False, False, True],
-       "dilations": [6, 12, 18], "pretrained": None, "cif": True, "cif_channels": 8, "cif_blocks": 1,
-       "cif_gate_channels": 8, "cif_gate": "release", "cif_wkv": "formula", "scaled_views_update_bn": True}
+CFG = {"backbone": "tv_resnet10", "head_channels": 32, "nclass": 4,
+       "replace_stride_with_dilation": [False, False, True], "dilations": [6, 12, 18], "pretrained": None, "cif": True,
+       "cif_channels": 8, "cif_blocks": 1, "cif_gate_channels": 8, "cif_gate": "release", "cif_wkv": "formula",
+       "scaled_views_update_bn": True}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_without_cif_no_fusion_is_computed():
 def test_build_model_passes_the_gate_input(gate_input):
     net = build_model(dict(CFG, cif_gate=gate_input))
     assert net.cif.gate_input == gate_input
-    assert net.cif.attention.squeeze.in_channels == 8 + (512 if gate_input == "release" else 0)
+    assert net.cif.attention.squeeze.in_channels == 8 + (2 * CFG["head_channels"] if gate_input == "release" else 0)
 
 
 def _saturate(cif, sign):

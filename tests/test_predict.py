@@ -13,8 +13,8 @@ from model import build_model
 from util.config import validate
 from util.visualize import colourize
 
-TINY_MODEL = {"backbone": "tv_resnet18", "pretrained": None, "cif": True, "cif_channels": 8, "cif_gate_channels": 8,
-              "crop_size": 32, "workers": 0, "amp": False}
+TINY_MODEL = {"backbone": "tv_resnet10", "head_channels": 32, "pretrained": None, "cif": True, "cif_channels": 8,
+              "cif_gate_channels": 8, "crop_size": 32, "workers": 0, "amp": False}
 
 
 

@@ -235,7 +235,7 @@ def test_evaluate_run_reads_results_json_and_eval_json(tiny_voc, tmp_path, monke
 
     data_root, splits_dir = tiny_voc
     cfg = validate({"dataset": "pascal", "data_root": data_root, "splits_dir": splits_dir, "split": "tiny",
-                    "nclass": 21, "backbone": "tv_resnet18", "pretrained": None, "cif_channels": 8,
+                    "nclass": 21, "backbone": "tv_resnet10", "head_channels": 32, "pretrained": None, "cif_channels": 8,
                     "cif_gate_channels": 8, "crop_size": 32}, "test")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert study.trains_gate(str(tmp_path))

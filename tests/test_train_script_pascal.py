@@ -57,8 +57,8 @@ def shipped_split_run(folder: Path, tiny_voc) -> Path:
     _pascal_tree(data_root, folder)
     # Without splits_dir the script reads the shipped splits/pascal/; the rest keeps a CPU run to seconds.
     run(["bash", "scripts/train.sh", "pascal", "1_16", "0", f"data_root={data_root}", f"exp_dir={exp_dir}",
-         "run_name=t", "backbone=tv_resnet18", "pretrained=null", "crop_size=16", "batch_size=2", "epochs=1",
-         "iters_per_epoch=1", "workers=0", "amp=false"])
+         "run_name=t", "backbone=tv_resnet10", "head_channels=32", "pretrained=null", "crop_size=16", "batch_size=2",
+         "epochs=1", "iters_per_epoch=1", "workers=0", "amp=false"])
     return exp_dir / "pascal" / "1_16" / "t"
 
 

@@ -17,8 +17,9 @@ CPU = torch.device("cpu")
 
 
 def config(**overrides):
-    base = {"dataset": "synthetic", "data_root": "unused", "nclass": NCLASS, "backbone": "tv_resnet18",
-            "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8, "conf_thresh": 0.0, "warm_up": 0}
+    base = {"dataset": "synthetic", "data_root": "unused", "nclass": NCLASS, "backbone": "tv_resnet10",
+            "head_channels": 32, "pretrained": None, "cif_channels": 8, "cif_gate_channels": 8, "conf_thresh": 0.0,
+            "warm_up": 0}
     return validate(dict(base, **overrides), "test")
 
 
