@@ -14,8 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import build_model  # noqa: E402
 from model.release import ReleaseStateError, convert_state_dict, release_state_dict  # noqa: E402

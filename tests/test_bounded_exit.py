@@ -3,8 +3,9 @@ in training, in its evaluation and in eval.py, alone and under torchrun), and th
 
 The matrix of loader x kind of data error runs in this process (the kind decides only the message, the loader the
 way out), under an alarm. Where the process boundary is what is tested (a process's interpreter exit, torchrun,
-signals, a killed launcher) a run is a subprocess with a hard timeout; those runs all start when the module's first
-test does, and run while the in-process tests do. Either way a hang fails its test, it never hangs the suite."""
+signals, a killed launcher) a run is a subprocess with a hard timeout; those runs are session runs (conftest), which
+start with the session and run while the in-process tests do. Either way a hang fails its test, it never hangs the
+suite."""
 import contextlib
 import glob
 import logging
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import scalematch
 import util.evaluation
-from conftest import (REPO, command_env, one_thread, run_script, start_runs, train_command, train_in_process,
+from conftest import (REPO, command_env, one_thread, run_script, train_command, train_in_process,
                       write_tiny_voc)
 from model import build_model
 from test_fault_tolerance import checkpoint_iteration
@@ -242,36 +243,25 @@ def check_failed_in_one_line(returncode: int, stderr: str, lines: set[str]):
     assert "Traceback" not in stderr
 
 
-@pytest.fixture(scope="module")
-def checkpoint_with_workers(tmp_path_factory):
-    """A tiny model's checkpoint whose config evaluates with 2 loader workers, and its clean dataset."""
-    base = tmp_path_factory.mktemp("eval_data")
+def write_checkpoint_with_workers(base) -> tuple[str, str]:
+    """(checkpoint, data_root): a tiny model's checkpoint whose config evaluates with 2 loader workers, and its clean
+    dataset, under `base`. Its tensors are zeros, the network built on the meta device: no draw from the global
+    random generator, which a session run (another thread) must leave to the tests that seed it."""
     data_root, splits_dir = tiny_dataset(base)
-    cfg = validate({"backbone": "tv_resnet18", "pretrained": None, "cif": False, "crop_size": 32, "workers": 2,
-                    "amp": False, "dataset": "pascal", "nclass": NCLASS, "split": "tiny", "data_root": data_root,
-                    "splits_dir": splits_dir}, source="test")
-    torch.manual_seed(0)
+    cfg = validate({"backbone": "tv_resnet10", "head_channels": 32, "pretrained": None, "cif": False, "crop_size": 32,
+                    "workers": 2, "amp": False, "dataset": "pascal", "nclass": NCLASS, "split": "tiny",
+                    "data_root": data_root, "splits_dir": splits_dir}, source="test")
+    with torch.device("meta"):
+        shapes = build_model(cfg).state_dict()
+    state = {name: torch.zeros(tensor.shape, dtype=tensor.dtype) for name, tensor in shapes.items()}
     path = base / "best.pth"
-    torch.save({"model": build_model(cfg).state_dict(), "config": cfg, "epoch": 0, "best_miou": 0.0}, path)
+    torch.save({"model": state, "config": cfg, "epoch": 0, "best_miou": 0.0}, path)
     return str(path), data_root
 
 
-def run_of(item):
-    """The subprocess run (its `run` parameter) a test of this module checks; None for the others."""
-    return item.callspec.params.get("run") if hasattr(item, "callspec") else None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def subprocess_runs(request, tmp_path_factory, checkpoint_with_workers):
-    """{run: Future of its outcome} for the subprocess run (`run` parameter) of every selected test of this module,
-    all started when its first test starts, at most one per CPU at a time: they take the wall time of their share,
-    and the in-process tests run meanwhile. A run that fails or hangs raises from its Future (bounded by its
-    timeout); none outlives the module."""
-    futures = start_runs(request, tmp_path_factory, {  # the longest first
-        run: lambda base, run=run: run[0](base, checkpoint_with_workers, *run[1:]) for run in ALL_RUNS}, key=run_of)
-    yield futures
-    for future in futures.values():
-        future.exception()
+@pytest.fixture(scope="module")
+def checkpoint_with_workers(tmp_path_factory):
+    return write_checkpoint_with_workers(tmp_path_factory.mktemp("eval_data"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -395,10 +385,10 @@ def test_a_child_still_alive_at_exit_is_killed_after_the_grace():
     assert took < 0.5 + 5
 
 
-# The subprocess runs, each (function, its arguments): function(base folder, checkpoint_with_workers, *arguments)
-# runs it and returns what its test checks.
+# The subprocess runs, each (function, its arguments): function(base folder, *arguments) runs it in an empty folder
+# and returns what its test checks. They are session runs (SESSION_RUNS below).
 
-def train_on_spoiled_data(base, checkpoint, loader: str, kind: str, ngpus: int) -> tuple[int, str, set[str]]:
+def train_on_spoiled_data(base, loader: str, kind: str, ngpus: int) -> tuple[int, str, set[str]]:
     """Train with 2 workers per loader (NGPUS 0: one process; 2: torchrun) on data whose samples `loader` reads are
     spoiled by `kind`: (exit code, stderr, the lines that may tell the error)."""
     data = tiny_dataset(base / "data")
@@ -408,11 +398,9 @@ def train_on_spoiled_data(base, checkpoint, loader: str, kind: str, ngpus: int) 
     return result.returncode, result.stderr, lines
 
 
-def eval_on_spoiled_data_under_the_launcher(base, checkpoint, kind: str) -> tuple[int, str, set[str]]:
+def eval_on_spoiled_data_under_the_launcher(base, kind: str) -> tuple[int, str, set[str]]:
     """eval.py on 2 torchrun processes, its val images spoiled by `kind`: as train_on_spoiled_data."""
-    checkpoint, clean_root = checkpoint
-    data_root = str(base / "VOC")
-    shutil.copytree(clean_root, data_root)
+    checkpoint, data_root = write_checkpoint_with_workers(base)
     lines = spoil(data_root, VAL_NAMES, kind)
     command = [sys.executable, "-m", "util.launcher", "2", "eval.py", "--checkpoint", checkpoint, "--cpu",
                "--data-root", data_root]
@@ -443,7 +431,7 @@ def start_training(data, exp_dir, ngpus: int) -> subprocess.Popen:
     return process
 
 
-def signal_training(base, checkpoint, signum: int) -> tuple[int, str]:
+def signal_training(base, signum: int) -> tuple[int, str]:
     """Send `signum` to a training process alone, its workers busy loading: (its exit code, its stderr) once it and
     every process of its run have ended."""
     data = tiny_dataset(base / "data")
@@ -453,7 +441,7 @@ def signal_training(base, checkpoint, signum: int) -> tuple[int, str]:
     return process.returncode, stderr
 
 
-def kill_a_peer(base, checkpoint) -> tuple[int, int]:
+def kill_a_peer(base) -> tuple[int, int]:
     """SIGKILL one of the 2 processes of a torchrun run: (how many processes it had, the run's exit code) once the
     launcher, the peer and every loader worker have ended."""
     data = tiny_dataset(base / "data")
@@ -479,7 +467,7 @@ def wait_for(path, timeout_s: float) -> bool:
 LAUNCHER_NOTICE_BOUND_S = 10
 
 
-def kill_the_launcher(base, checkpoint, killed: str) -> bool:
+def kill_the_launcher(base, killed: str) -> bool:
     """Kill the launcher of tests/launcher_watch_worker.py `killed` (while the worker starts: before it watches; or
     while it computes), the CPU saturated from then on: whether the worker noticed within LAUNCHER_NOTICE_BOUND_S.
     The worker waits for the file `go` before it watches, so the kill lands where `killed` says whatever the load."""
@@ -527,49 +515,68 @@ EVAL_UNDER_THE_LAUNCHER_RUN = (eval_on_spoiled_data_under_the_launcher, "mask_wr
 SIGNAL_RUNS = [(signal_training, signal.SIGINT), (signal_training, signal.SIGTERM)]
 PEER_RUN = (kill_a_peer,)
 LAUNCHER_RUNS = [(kill_the_launcher, "while the worker starts"), (kill_the_launcher, "while the worker computes")]
-ALL_RUNS = [PEER_RUN, *TORCHRUN_RUNS, EVAL_UNDER_THE_LAUNCHER_RUN, *LAUNCHER_RUNS, *SIGNAL_RUNS, *PROCESS_RUNS]
 
 
-@pytest.mark.parametrize("run", PROCESS_RUNS, ids=lambda run: f"{run[1]}-{run[2]}")
-def test_a_data_error_met_by_loader_workers_ends_the_process(subprocess_runs, run):
+def run_id(run: tuple) -> str:
+    return "-".join(map(str, run[1:3])) if run[0] is train_on_spoiled_data else str(run[1])
+
+
+def session_runs(test: str, runs: list, ids=run_id) -> dict:
+    """SESSION_RUNS entries of a test parametrized by `runs` (its `run` parameter, with `ids`)."""
+    return {f"{test}[{ids(run)}]": lambda base, tiny_voc, run=run: run[0](base, *run[1:]) for run in runs}
+
+
+SESSION_RUNS = {  # the longest first
+    **session_runs("test_a_peer_killed_mid_run_ends_the_torchrun_run", [PEER_RUN], ids=lambda run: "2 processes"),
+    **session_runs("test_a_data_error_met_by_loader_workers_ends_a_torchrun_run", TORCHRUN_RUNS),
+    **session_runs("test_a_data_error_met_by_eval_workers_ends_eval_under_the_launcher",
+                   [EVAL_UNDER_THE_LAUNCHER_RUN]),
+    **session_runs("test_a_killed_launcher_is_noticed_with_the_cpu_saturated", LAUNCHER_RUNS),
+    **session_runs("test_a_signal_while_loader_workers_are_busy_ends_the_run", SIGNAL_RUNS,
+                   ids=lambda run: run[1].name),
+    **session_runs("test_a_data_error_met_by_loader_workers_ends_the_process", PROCESS_RUNS)}
+
+
+@pytest.mark.parametrize("run", PROCESS_RUNS, ids=run_id)
+def test_a_data_error_met_by_loader_workers_ends_the_process(session_run, run):
     """As a process of its own (scripts/train.sh, NGPUS 0): the one-line error, and the process and its workers end,
     within the timeout. Before: the process stayed alive forever at interpreter exit, joining a worker that ignores
     SIGTERM."""
-    check_failed_in_one_line(*subprocess_runs[run].result())
+    check_failed_in_one_line(*session_run)
 
 
-@pytest.mark.parametrize("run", TORCHRUN_RUNS, ids=lambda run: f"{run[1]}-{run[2]}")
-def test_a_data_error_met_by_loader_workers_ends_a_torchrun_run(subprocess_runs, run):
+@pytest.mark.parametrize("run", TORCHRUN_RUNS, ids=run_id)
+def test_a_data_error_met_by_loader_workers_ends_a_torchrun_run(session_run, run):
     """Before: the failing process hung at exit and its peer waited in a collective for it."""
-    check_failed_in_one_line(*subprocess_runs[run].result())
+    check_failed_in_one_line(*session_run)
 
 
 # Under torchrun one kind stands for all: the way out is the same.
-@pytest.mark.parametrize("run", [EVAL_UNDER_THE_LAUNCHER_RUN], ids=lambda run: run[1])
-def test_a_data_error_met_by_eval_workers_ends_eval_under_the_launcher(subprocess_runs, run):
+@pytest.mark.parametrize("run", [EVAL_UNDER_THE_LAUNCHER_RUN], ids=run_id)
+def test_a_data_error_met_by_eval_workers_ends_eval_under_the_launcher(session_run, run):
     """eval.py's processes, and their loader workers, end at interpreter exit; the launcher tells the error once."""
-    check_failed_in_one_line(*subprocess_runs[run].result())
+    check_failed_in_one_line(*session_run)
 
 
 @pytest.mark.parametrize("run, code", [(SIGNAL_RUNS[0], 130), (SIGNAL_RUNS[1], 143)], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_while_loader_workers_are_busy_ends_the_run(subprocess_runs, run, code):
+def test_a_signal_while_loader_workers_are_busy_ends_the_run(session_run, run, code):
     """Ctrl-C or SIGTERM to the training process alone (its workers busy loading): it stops with its code, and its
     workers with it, shut down by the Teardown rather than by garbage collection."""
-    returncode, stderr = subprocess_runs[run].result()
+    returncode, stderr = session_run
     assert returncode == code and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("run", [PEER_RUN], ids=["2 processes"])
-def test_a_peer_killed_mid_run_ends_the_torchrun_run(subprocess_runs, run):
+def test_a_peer_killed_mid_run_ends_the_torchrun_run(session_run, run):
     """A process of a torchrun run killed with SIGKILL: its peer, waiting in a collective, learns it at once (gloo
     closes the connection), and the launcher, its peer and every loader worker end."""
-    processes, returncode = subprocess_runs[run].result()
+    processes, returncode = session_run
     assert processes == 2
     assert returncode != 0
 
 
-@pytest.mark.parametrize("run", LAUNCHER_RUNS, ids=lambda run: run[1])
-def test_a_killed_launcher_is_noticed_with_the_cpu_saturated(subprocess_runs, run):
+@pytest.mark.parametrize("run", LAUNCHER_RUNS, ids=run_id)
+def test_a_killed_launcher_is_noticed_with_the_cpu_saturated(session_run, run):
     """Before, the watch took the worker's parent when it started for its launcher: a launcher killed while its
     workers were still importing (seconds, under load) was never noticed, and they trained on unwatched."""
-    assert subprocess_runs[run].result(), f"no notice {LAUNCHER_NOTICE_BOUND_S} s after the kill"
+    assert session_run, f"no notice {LAUNCHER_NOTICE_BOUND_S} s after the kill"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import scalematch
-from conftest import EXACT, REPO, fault_command, one_thread, run, start_runs, train, train_in_process
+from conftest import EXACT, REPO, fault_command, one_thread, run, train, train_in_process
 
 
 def checkpoint_iteration(path):
@@ -21,42 +21,43 @@ def checkpoint_iteration(path):
         return -1
 
 
-@pytest.fixture(scope="module")
-def runs(request, tiny_voc, tmp_path_factory, one_epoch_base_run):
-    """The subprocess runs of this module's tests, started at once when a test first needs one: {test node name:
-    Future of what that test checks}. A test reads its own while the others go on."""
-    def killed_twice(exp_dir):
-        """SIGKILL after step 2, then in the rerun half-way through its first checkpoint write (iteration 2's)."""
-        run_dir = exp_dir / "pascal" / "tiny" / "killed"
-        overrides = [*EXACT, "iters_per_epoch=3", "run_name=killed"]
-        first = run(fault_command(tiny_voc, exp_dir, 0, ("SIGKILL", "step:2", "self"), *overrides), check=False)
-        after_first = checkpoint_iteration(run_dir / "latest.pth")
-        second = run(fault_command(tiny_voc, exp_dir, 0, ("SIGKILL", "save:1", "self"), *overrides), check=False)
-        return (first.returncode, after_first, second.returncode, checkpoint_iteration(run_dir / "latest.pth"),
-                glob.glob(str(run_dir / ".latest.pth.*.tmp")), exp_dir)
+def killed_twice(exp_dir, tiny_voc):
+    """SIGKILL after step 2, then in the rerun half-way through its first checkpoint write (iteration 2's)."""
+    run_dir = exp_dir / "pascal" / "tiny" / "killed"
+    overrides = [*EXACT, "iters_per_epoch=3", "run_name=killed"]
+    first = run(fault_command(tiny_voc, exp_dir, 0, ("SIGKILL", "step:2", "self"), *overrides), check=False)
+    after_first = checkpoint_iteration(run_dir / "latest.pth")
+    second = run(fault_command(tiny_voc, exp_dir, 0, ("SIGKILL", "save:1", "self"), *overrides), check=False)
+    return (first.returncode, after_first, second.returncode, checkpoint_iteration(run_dir / "latest.pth"),
+            glob.glob(str(run_dir / ".latest.pth.*.tmp")), exp_dir)
 
-    def two_process_killed_and_resumed(exp_dir):
-        """The launcher and both workers killed after rank 0's second step, then the same command rerun."""
-        latest = exp_dir / "pascal" / "tiny" / "killed" / "latest.pth"
-        killed = run(fault_command(tiny_voc, exp_dir, 2, ("SIGKILL", "step:2", "everything"), *EXACT,
-                                   "run_name=killed"), check=False)
-        after_kill = checkpoint_iteration(latest)
-        return killed.returncode, after_kill, train(tiny_voc, exp_dir, 2, *EXACT, "run_name=killed"), latest
 
-    def preempted(exp_dir):
-        result = run(fault_command(tiny_voc, exp_dir, 0, ("SIGTERM", "step:3", "self"), "epochs=50",
-                                   "checkpoint_interval=0", "run_name=preempted"), check=False)
-        return result, exp_dir / "pascal" / "tiny" / "preempted" / "latest.pth"
+def two_process_killed_and_resumed(exp_dir, tiny_voc):
+    """The launcher and both workers killed after rank 0's second step, then the same command rerun."""
+    latest = exp_dir / "pascal" / "tiny" / "killed" / "latest.pth"
+    killed = run(fault_command(tiny_voc, exp_dir, 2, ("SIGKILL", "step:2", "everything"), *EXACT, "run_name=killed"),
+                 check=False)
+    after_kill = checkpoint_iteration(latest)
+    return killed.returncode, after_kill, train(tiny_voc, exp_dir, 2, *EXACT, "run_name=killed"), latest
 
-    def resumed_on_two_processes(exp_dir):
-        shutil.copytree(one_epoch_base_run, exp_dir, dirs_exist_ok=True)
-        return train(tiny_voc, exp_dir, 2, "epochs=2", "run_name=base", check=False), exp_dir
 
-    return start_runs(request, tmp_path_factory, {
-        "test_run_killed_twice_ends_identical_to_uninterrupted": killed_twice,
-        "test_two_process_run_killed_ends_identical_to_uninterrupted": two_process_killed_and_resumed,
-        "test_sigterm_writes_a_checkpoint_before_exiting": preempted,
-        "test_resume_on_another_number_of_processes_is_refused": resumed_on_two_processes})
+def preempted(exp_dir, tiny_voc):
+    result = run(fault_command(tiny_voc, exp_dir, 0, ("SIGTERM", "step:3", "self"), "epochs=50",
+                               "checkpoint_interval=0", "run_name=preempted"), check=False)
+    return result, exp_dir / "pascal" / "tiny" / "preempted" / "latest.pth"
+
+
+def resumed_on_two_processes(exp_dir, tiny_voc):
+    """A finished 1-epoch run of one process (NGPUS 0), rerun for a second epoch under torchrun on two."""
+    train(tiny_voc, exp_dir, 0, "epochs=1", "run_name=base")
+    return train(tiny_voc, exp_dir, 2, "epochs=2", "run_name=base", check=False), exp_dir
+
+
+SESSION_RUNS = {
+    "test_run_killed_twice_ends_identical_to_uninterrupted": killed_twice,
+    "test_two_process_run_killed_ends_identical_to_uninterrupted": two_process_killed_and_resumed,
+    "test_sigterm_writes_a_checkpoint_before_exiting": preempted,
+    "test_resume_on_another_number_of_processes_is_refused": resumed_on_two_processes}
 
 
 @contextlib.contextmanager
@@ -74,14 +75,14 @@ def computing_as_a_subprocess():
         torch.backends.cudnn.benchmark = benchmark
 
 
-def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path, runs, request, capsys):
+def test_run_killed_twice_ends_identical_to_uninterrupted(tiny_voc, tmp_path, session_run, capsys):
     """SIGKILL between a step and its checkpoint, then half-way through a checkpoint write: the rerun resumes from
     the checkpoint before each, removes the torn temporary, and ends bit-identical to the uninterrupted run. The
     killed runs are processes of their own; the uninterrupted run and the rerun, in this one, meanwhile."""
     with computing_as_a_subprocess():
         assert train_in_process(tiny_voc, tmp_path, *EXACT, "iters_per_epoch=3", "run_name=straight") == 0
     straight = torch.load(tmp_path / "pascal" / "tiny" / "straight" / "latest.pth", weights_only=True)
-    first, after_first, second, after_second, temporaries, exp_dir = runs[request.node.name].result()
+    first, after_first, second, after_second, temporaries, exp_dir = session_run
     assert first == -signal.SIGKILL and after_first == 1
     assert second == -signal.SIGKILL and after_second == 1
     assert len(temporaries) == 1
@@ -116,12 +117,12 @@ def differing_tensors(a, b):
     return [name for name, x, y in pairs if not torch.equal(x, y)]
 
 
-def test_two_process_run_killed_ends_identical_to_uninterrupted(runs, request, two_process_reference_run):
+def test_two_process_run_killed_ends_identical_to_uninterrupted(session_run, two_process_reference_run):
     """Each rank restores its own random states and (on CPU, where BatchNorm is per process) statistics: before, rank
     1 took rank 0's, and 191 of 227 model tensors ended different. Killed here: the launcher and both workers,
     after rank 0's second step."""
     straight = two_process_reference_run
-    killed_code, after_kill, resumed, latest = runs[request.node.name].result()
+    killed_code, after_kill, resumed, latest = session_run
     assert killed_code == -signal.SIGKILL and after_kill == 1
     assert f"resumed from {latest}" in resumed.stdout
 
@@ -133,10 +134,10 @@ def test_two_process_run_killed_ends_identical_to_uninterrupted(runs, request, t
     assert straight["best_miou"] == killed["best_miou"]
 
 
-def test_sigterm_writes_a_checkpoint_before_exiting(runs, request):
+def test_sigterm_writes_a_checkpoint_before_exiting(session_run):
     """SIGTERM after step 3 (the first of epoch 1): step 4 ends the epoch's training, its checkpoint is written,
     and the run exits before evaluating."""
-    result, latest = runs[request.node.name].result()
+    result, latest = session_run
     assert result.returncode == 143
     assert result.stderr.strip().splitlines()[-1] == ("SIGTERM: checkpoint written at iteration 4; rerun the same "
                                                       "command to resume")
@@ -146,9 +147,9 @@ def test_sigterm_writes_a_checkpoint_before_exiting(runs, request):
 def run_in_process(tiny_voc, exp_dir, *overrides):
     data_root, splits_dir = tiny_voc
     scalematch.main(["--config", os.path.join(REPO, "configs", "pascal.yaml"), "--cpu", "split=tiny",
-                     "backbone=tv_resnet18", "pretrained=null", "crop_size=32", "batch_size=2", "workers=0",
-                     "iters_per_epoch=2", "epochs=1", "amp=false", "image_log_interval=0", "cif_channels=8",
-                     "cif_gate_channels=8", "checkpoint_interval=1", f"data_root={data_root}",
+                     "backbone=tv_resnet10", "head_channels=32", "pretrained=null", "crop_size=32", "batch_size=2",
+                     "workers=0", "iters_per_epoch=2", "epochs=1", "amp=false", "image_log_interval=0",
+                     "cif_channels=8", "cif_gate_channels=8", "checkpoint_interval=1", f"data_root={data_root}",
                      f"splits_dir={splits_dir}", f"exp_dir={exp_dir}", "run_name=nan", *overrides])
 
 
@@ -197,7 +198,7 @@ def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc
     config_before = open(os.path.join(run_dir, "config.yaml")).read()
     # Before: another optimizer was a KeyError traceback, another rate or method switch a warning.
     for overrides, refusal in [
-            (["backbone=tv_resnet34"], "'backbone' was 'tv_resnet18', now 'tv_resnet34'"),
+            (["backbone=tv_resnet34"], "'backbone' was 'tv_resnet10', now 'tv_resnet34'"),
             (["optimizer=adamw"], "'optimizer' was 'sgd', now 'adamw'"),
             (["lr=0.002", "isvc=false", "loss_weights.strong=0.5"],
              "'lr' was 0.001, now 0.002, 'isvc' was True, now False, 'loss_weights.strong' was 0.25, now 0.5")]:
@@ -212,9 +213,9 @@ def test_resume_refuses_another_experiment_and_accepts_harmless_changes(tiny_voc
             in capsys.readouterr().out)
 
 
-def test_resume_on_another_number_of_processes_is_refused(runs, request):
-    """A copy of one_epoch_base_run, trained by one process, rerun under torchrun on two."""
-    refused, exp_dir = runs[request.node.name].result()
+def test_resume_on_another_number_of_processes_is_refused(session_run):
+    """A run trained by one process, rerun under torchrun on two."""
+    refused, exp_dir = session_run
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
         f"error: {exp_dir}/pascal/tiny/base/latest.pth: refusing to resume: it was trained by 1 process(es), now 2; "
@@ -229,10 +230,11 @@ def last_line(stderr):
 
 def train_args(tiny_voc, exp_dir, *overrides):
     data_root, splits_dir = tiny_voc
-    return ["--config", os.path.join(REPO, "configs", "pascal.yaml"), "--cpu", "split=tiny", "backbone=tv_resnet18",
-            "pretrained=null", "crop_size=32", "batch_size=2", "workers=0", "iters_per_epoch=2", "epochs=1",
-            "amp=false", "image_log_interval=0", "cif_channels=8", "cif_gate_channels=8", "checkpoint_interval=1",
-            f"data_root={data_root}", f"splits_dir={splits_dir}", f"exp_dir={exp_dir}", "run_name=nan", *overrides]
+    return ["--config", os.path.join(REPO, "configs", "pascal.yaml"), "--cpu", "split=tiny", "backbone=tv_resnet10",
+            "head_channels=32", "pretrained=null", "crop_size=32", "batch_size=2", "workers=0", "iters_per_epoch=2",
+            "epochs=1", "amp=false", "image_log_interval=0", "cif_channels=8", "cif_gate_channels=8",
+            "checkpoint_interval=1", f"data_root={data_root}", f"splits_dir={splits_dir}", f"exp_dir={exp_dir}",
+            "run_name=nan", *overrides]
 
 
 def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(tiny_voc, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -251,11 +252,15 @@ def test_existing_split_files_with_other_contents_are_kept_unless_forced(tmp_pat
 
 
 def test_the_published_splits_are_not_overwritten(tmp_path):
+    """A copy of the repository's splits/ (a failure must not cost the published lists) as --out."""
     _fake_pascal(tmp_path / "voc", num_extra=10)
-    published = {path: path.read_bytes() for path in (REPO / "splits/pascal").rglob("*.txt")}
-    message = _main_error("pascal", "--data-root", str(tmp_path / "voc"), "--out", str(REPO / "splits"))
+    shutil.copytree(REPO / "splits" / "pascal", tmp_path / "splits" / "pascal")
+    published = {path.relative_to(REPO / "splits"): path.read_bytes()
+                 for path in (REPO / "splits/pascal").rglob("*.txt")}
+    message = _main_error("pascal", "--data-root", str(tmp_path / "voc"), "--out", str(tmp_path / "splits"))
     assert "exist with other contents" in message
-    assert {path: path.read_bytes() for path in (REPO / "splits/pascal").rglob("*.txt")} == published
+    assert {path.relative_to(tmp_path / "splits"): path.read_bytes()
+            for path in (tmp_path / "splits/pascal").rglob("*.txt")} == published
 
 
 @pytest.mark.parametrize("make_out, message", [

@@ -7,14 +7,18 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+import weakref
+from functools import partial
 
 import pytest
 import torch
 from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
 
 import scalematch
-from conftest import REPO, command_env, fault_command, run, start_runs, train, train_in_process, write_tiny_voc
+from conftest import (HELD_PROCESSES, REPO, command_env, fault_command, run, train, train_in_process,
+                      write_tiny_voc)
 from test_fault_tolerance import checkpoint_iteration
 from util.config import ConfigError, check_batch_size, without_idle_cif
 from util.events import RunEvents
@@ -79,66 +83,61 @@ def running_with(marker):
     return pids
 
 
-@pytest.fixture(scope="module")
-def runs(request, tiny_voc, tmp_path_factory):
-    """The subprocess runs of this module's tests, started at once when a test first needs one, each in an exp_dir
-    of its own: {test node name: Future of what that test checks}. A test reads its own while the others go on."""
-    held = []  # the SIGSTOPped run, ended here if its test could not end it
-
-    def held_at_step_3(exp_dir):
-        process = subprocess.Popen(
-            fault_command(tiny_voc, exp_dir, 0, ("SIGSTOP", "step:3", "self"), "epochs=50", "image_log_interval=0",
-                          "run_name=locked"), cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        held.append(process)
-        stopped(process)
-        return process, exp_dir
-
-    def launcher_killed(exp_dir):
-        result, latest = two_process_run(tiny_voc, exp_dir, ("SIGKILL", "step:3", "launcher"))
-        return result, latest, running_with(str(exp_dir))  # at once: whatever outlived the run is running now
-
-    def one_process_failing(exp_dir):
-        data_root, splits_dir = write_tiny_voc(exp_dir / "data")
-        broken = os.path.join(data_root, "JPEGImages", "img_001.jpg")
-        with open(broken, "wb") as image:
-            image.write(b"not a jpeg")  # a failure of whichever process reads it
-        return train((data_root, splits_dir), exp_dir / "exp", 2, "epochs=1", check=False), broken
-
-    def interrupted(exp_dir, moment):
-        result = run(fault_command(tiny_voc, exp_dir, 0, ("SIGINT", moment, "self"), "epochs=50",
-                                   "checkpoint_interval=1", "image_log_interval=0", "run_name=interrupted"),
-                     check=False)
-        return result, os.path.join(exp_dir, "pascal", "tiny", "interrupted", "latest.pth")
-
-    def supervised(exp_dir):
-        train(tiny_voc, exp_dir, 2, "epochs=1", "train_mode=supervised", "run_name=supervised")
-        return os.path.join(exp_dir, "pascal", "tiny", "supervised")
-
-    sigterm = "test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line"
-    ctrl_c = "test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint"
-    calls = {
-        "test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over": held_at_step_3,
-        **{f"{sigterm}[{receivers}]": lambda exp_dir, receivers=receivers: two_process_run(
-            tiny_voc, exp_dir, ("SIGTERM", "step:3", receivers), "workers=1") for receivers in ("launcher", "workers")},
-        "test_a_killed_torchrun_launcher_leaves_no_worker_training": launcher_killed,
-        **{f"{ctrl_c}[{moment}]": lambda exp_dir, moment=moment: interrupted(exp_dir, moment)
-           for moment in ("step:2", "save:2")},
-        "test_a_start_up_error_under_torchrun_is_printed_once": lambda exp_dir: train(tiny_voc, exp_dir, 2,
-                                                                                      "lrr=0.1", check=False),
-        "test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks": one_process_failing,
-        "test_supervised_only_trains_under_torchrun_without_a_cif": supervised}
-    yield start_runs(request, tmp_path_factory, calls)
-    for process in held:
-        process.kill()
-        process.wait()
+def held_at_step_3(exp_dir, tiny_voc):
+    """A run held (SIGSTOP from inside) after step 3, its lock taken: (its process, exp_dir). Its test ends it, else
+    the session does."""
+    process = subprocess.Popen(
+        fault_command(tiny_voc, exp_dir, 0, ("SIGSTOP", "step:3", "self"), "epochs=50", "image_log_interval=0",
+                      "run_name=locked"), cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    HELD_PROCESSES.append(process)
+    stopped(process)
+    return process, exp_dir
 
 
-def test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over(tiny_voc, runs, request,
+def launcher_killed(exp_dir, tiny_voc):
+    result, latest = two_process_run(tiny_voc, exp_dir, ("SIGKILL", "step:3", "launcher"))
+    return result, latest, running_with(str(exp_dir))  # at once: whatever outlived the run is running now
+
+
+def one_process_failing(exp_dir, tiny_voc):
+    data_root, splits_dir = write_tiny_voc(exp_dir / "data")
+    broken = os.path.join(data_root, "JPEGImages", "img_001.jpg")
+    with open(broken, "wb") as image:
+        image.write(b"not a jpeg")  # a failure of whichever process reads it
+    return train((data_root, splits_dir), exp_dir / "exp", 2, "epochs=1", check=False), broken
+
+
+def interrupted(exp_dir, tiny_voc, moment):
+    result = run(fault_command(tiny_voc, exp_dir, 0, ("SIGINT", moment, "self"), "epochs=50",
+                               "checkpoint_interval=1", "image_log_interval=0", "run_name=interrupted"), check=False)
+    return result, os.path.join(exp_dir, "pascal", "tiny", "interrupted", "latest.pth")
+
+
+def supervised(exp_dir, tiny_voc):
+    train(tiny_voc, exp_dir, 2, "epochs=1", "train_mode=supervised", "run_name=supervised")
+    return os.path.join(exp_dir, "pascal", "tiny", "supervised")
+
+
+SIGTERM_TEST = "test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line"
+CTRL_C_TEST = "test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint"
+SESSION_RUNS = {
+    "test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over": held_at_step_3,
+    **{f"{SIGTERM_TEST}[{receivers}]": lambda exp_dir, tiny_voc, receivers=receivers: two_process_run(
+        tiny_voc, exp_dir, ("SIGTERM", "step:3", receivers), "workers=1") for receivers in ("launcher", "workers")},
+    "test_a_killed_torchrun_launcher_leaves_no_worker_training": launcher_killed,
+    **{f"{CTRL_C_TEST}[{moment}]": partial(interrupted, moment=moment) for moment in ("step:2", "save:2")},
+    "test_a_start_up_error_under_torchrun_is_printed_once": lambda exp_dir, tiny_voc: train(tiny_voc, exp_dir, 2,
+                                                                                            "lrr=0.1", check=False),
+    "test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks": one_process_failing,
+    "test_supervised_only_trains_under_torchrun_without_a_cif": supervised}
+
+
+def test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_taken_over(tiny_voc, session_run,
                                                                                          capsys):
     """Before, two launches of one command both trained, overwriting each other's checkpoints and train.log. The
     first launch is another process, held (SIGSTOP) after step 3 with the lock; the second is this one."""
-    first, exp_dir = runs[request.node.name].result()
+    first, exp_dir = session_run
     run_dir = os.path.join(exp_dir, "pascal", "tiny", "locked")
     try:
         assert checkpoint_iteration(os.path.join(run_dir, "latest.pth")) == 2  # the end of epoch 0
@@ -164,12 +163,12 @@ def test_a_second_launch_is_refused_and_a_killed_runs_lock_and_temporaries_are_t
 
 
 @pytest.mark.parametrize("receivers", ["launcher", "workers"])
-def test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line(runs, request, receivers):
+def test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line(session_run, receivers):
     """Before: exit 1 and a SignalException traceback. The agent signals each worker's process group, data loader
     workers included: they must leave the stop to their process (before, they died and failed its step). A
     scheduler may signal the workers themselves instead of the launcher. Sent after step 3, the first of epoch 1:
     the workers, signalled at once, stop after step 4; the launcher passes it on when its monitor next looks."""
-    result, latest = runs[request.node.name].result()
+    result, latest = session_run
     assert result.returncode == 143
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -180,10 +179,10 @@ def test_sigterm_under_torchrun_checkpoints_and_exits_143_in_one_line(runs, requ
     assert written == 4 if receivers == "workers" else written >= 4
 
 
-def test_a_killed_torchrun_launcher_leaves_no_worker_training(runs, request):
+def test_a_killed_torchrun_launcher_leaves_no_worker_training(session_run):
     """torchrun starts its workers in sessions of their own: before, a SIGKILL of the launcher left them training
     and writing. Now they notice, checkpoint and stop."""
-    result, latest, left_running = runs[request.node.name].result()
+    result, latest, left_running = session_run
     assert result.returncode == -signal.SIGKILL  # run() returns once the workers, which hold its pipes, have ended
     assert left_running == []  # looked at as soon as run() returned
     last = result.stderr.strip().splitlines()[-1]
@@ -192,10 +191,10 @@ def test_a_killed_torchrun_launcher_leaves_no_worker_training(runs, request):
 
 
 @pytest.mark.parametrize("moment", ["step:2", "save:2"])
-def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(runs, request, moment):
+def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(session_run, moment):
     """Before: a KeyboardInterrupt traceback. Sent after step 2, or inside the second checkpoint write (the first
     is iteration 1's), where torch.save turned it into a RuntimeError and a traceback (exit 1)."""
-    result, latest = runs[request.node.name].result()
+    result, latest = session_run
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("interrupted: the last checkpoint is left as it was; rerun the "
                                                       "same command to resume")
@@ -203,23 +202,42 @@ def test_ctrl_c_stops_in_one_line_and_leaves_the_checkpoint(runs, request, momen
     assert not [name for name in os.listdir(os.path.dirname(latest)) if name.endswith(".tmp")]
 
 
-def test_a_ctrl_c_inside_a_finalizer_stops_the_run_at_the_next_step(tiny_voc, tmp_path, monkeypatch, capsys):
-    """Python prints and drops an exception raised inside __del__: before, a Ctrl-C that arrived while a loader
-    iterator's __del__ joined its workers was lost, and the run trained on to its end (exit 0). Here it arrives
-    inside a finalizer during step 2; that step must not run."""
-    class Finalized:
-        def __del__(self):
-            signal.raise_signal(signal.SIGINT)
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
 
+
+def a_weakref_callback_meets_the_ctrl_c():
+    """As logging's _removeHandlerRef does when a handler is collected."""
+    referent = type("Referent", (), {})()
+    reference = weakref.ref(referent, lambda ref: signal.raise_signal(signal.SIGINT))
+    del referent  # collected at once, while its weak reference lives: the callback runs
+    return reference
+
+
+FINALIZERS = {"__del__": lambda: Finalized(),  # collected at once, its __del__ meets the Ctrl-C
+              "weakref callback": a_weakref_callback_meets_the_ctrl_c}
+
+
+@pytest.mark.parametrize("finalizer", list(FINALIZERS))
+def test_a_ctrl_c_inside_a_finalizer_stops_the_run_at_the_next_step(tiny_voc, tmp_path, monkeypatch, capsys,
+                                                                    finalizer):
+    """Python prints and drops an exception raised inside __del__ or a weakref callback: before, a Ctrl-C that
+    arrived while a loader iterator's __del__ joined its workers, or while logging's callback removed a collected
+    handler, was lost or printed as a traceback, and the run trained on (exit 0). Here it arrives inside one during
+    step 2; that step must not run, and nothing but the one line is printed."""
     real, steps = scalematch.train_step, []
 
     def step(run, batch, epoch):
         steps.append(run.progress["iteration"])
         if len(steps) == 2:
-            Finalized()  # collected at once, its __del__ meets the Ctrl-C
+            FINALIZERS[finalizer]()
         return real(run, batch, epoch)
 
     monkeypatch.setattr(scalematch, "train_step", step)
+    # What Python would print as "Exception ignored in ...", a traceback (pytest makes it a warning).
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda report: unraisable.append(report.exc_type))
     # Ctrl-C's default action, as in a terminal, even where the suite was started in the background (ignored there).
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -229,32 +247,32 @@ def test_a_ctrl_c_inside_a_finalizer_stops_the_run_at_the_next_step(tiny_voc, tm
     finally:
         signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err
-    assert code == 130 and "Traceback" not in err and "Exception ignored" not in err
+    assert code == 130 and "Traceback" not in err and "Exception ignored" not in err and unraisable == []
     assert err.strip().splitlines()[-1] == ("interrupted: the last checkpoint is left as it was; rerun the same "
                                             "command to resume")
     assert steps == [0, 1]
     assert checkpoint_iteration(tmp_path / "pascal" / "tiny" / "finalizer" / "latest.pth") == 1
 
 
-def test_a_start_up_error_under_torchrun_is_printed_once(runs, request):
+def test_a_start_up_error_under_torchrun_is_printed_once(session_run):
     """Before: once per process, then torchrun's ChildFailedError traceback and table."""
-    result = runs[request.node.name].result()
+    result = session_run
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: command line: unknown key 'lrr' (did you mean 'lr'?)"]
 
 
-def test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks(runs, request):
+def test_a_failure_of_one_process_is_printed_once_without_its_peers_tracebacks(session_run):
     """The other process's collective fails when the first ends; the launcher prints the cause, not that. The data
     is tiny_voc's layout with one labeled image that cannot be decoded."""
-    result, broken = runs[request.node.name].result()
+    result, broken = session_run
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: cannot read image {broken}: not an image PIL can read"
 
 
-def test_supervised_only_trains_under_torchrun_without_a_cif(runs, request):
+def test_supervised_only_trains_under_torchrun_without_a_cif(session_run):
     """Before: the CIF was built but unused, and DDP refused the second iteration."""
-    run_dir = runs[request.node.name].result()
+    run_dir = session_run
     state = torch.load(os.path.join(run_dir, "latest.pth"), weights_only=True)
     assert state["iteration"] == 2
     assert not any(name.startswith("cif.") for name in state["model"])

@@ -34,21 +34,13 @@ class NonFiniteModel(Exception):
     """The model's weights or running statistics hold NaN or inf: nothing more is saved."""
 
 
-def _inside_a_finalizer(frame) -> bool:
-    """Whether `frame` runs inside a __del__: an exception raised there is printed and ignored by Python."""
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
-
-
 class StopSignal:
     """Remembers why the run should stop at the next step boundary, with a checkpoint: a SIGTERM (cluster
     pre-emption) or, under torchrun, the end of the launcher (its workers would otherwise train on unwatched).
-    Ctrl-C (SIGINT) stops at once, as Python's own handler does, except inside a finalizer (a loader iterator's
-    __del__ joining its workers), where Python would print and drop the KeyboardInterrupt and the run train on:
-    there it is raised at the next step boundary instead (``check_interrupt``)."""
+    Ctrl-C (SIGINT) stops at once, as Python's own handler does; where Python cannot raise it (inside a __del__,
+    such as a loader iterator's joining its workers, or a weakref callback, such as logging's) it would print the
+    KeyboardInterrupt and drop it, and the run train on: there it is raised at the next step boundary instead
+    (``check_interrupt``), and nothing is printed."""
 
     def __init__(self):
         self.reason = None
@@ -57,6 +49,7 @@ class StopSignal:
         # A process started with Ctrl-C ignored (nohup, a background job) keeps ignoring it.
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        self._previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         if under_torchrun():
             watch_launcher(lambda: self.request("the torchrun launcher ended"))
 
@@ -67,14 +60,19 @@ class StopSignal:
         """The handlers before, back (a run inside another program, such as a test, leaves it as it was)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = self._previous_unraisablehook
 
     def _interrupt(self, signum, frame):
         self.interrupted = True
-        if not _inside_a_finalizer(frame):
-            raise KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable) -> None:
+        """Python's report of an exception it could not raise; a Ctrl-C's is left to check_interrupt."""
+        if not (self.interrupted and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+            self._previous_unraisablehook(unraisable)
 
     def check_interrupt(self) -> None:
-        """Raise the KeyboardInterrupt of a Ctrl-C that arrived inside a finalizer."""
+        """Raise the KeyboardInterrupt of a Ctrl-C that arrived where Python could not raise it."""
         if self.interrupted:
             raise KeyboardInterrupt
 
