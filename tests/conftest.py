@@ -214,8 +214,9 @@ def two_process_reference(exp_dir, tiny_voc):
 
 def yield_to_the_in_process_tests():
     """Lower this thread's priority, and so that of the processes it starts (Linux keeps a nice value per thread, and
-    a child takes its thread's): the in-process tests, one thread, are the longer task and keep a CPU, the session
-    runs share the other and take both once the in-process tests are done (5:04 -> X idle)."""
+    a child takes its thread's): the in-process tests, one chain on one thread, keep a CPU of their own, the session
+    runs share the other and take both once the chain is done, so that the session does not end on that chain alone
+    with a CPU idle."""
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
 
 
@@ -229,13 +230,15 @@ def session_runs(request, tmp_path_factory):
     outcome a test only reads, all queued as the session starts and run at most one per CPU at a time beside the
     in-process tests, so that the CPUs have work from the first test to the last: the shared
     two_process_reference_run if a selected test asks for it, then each selected test's of a module's
-    SESSION_RUNS = {test node name: call(folder, tiny_voc)}, in the order of their tests, which run last
-    (pytest_collection_modifyitems). A run that fails or hangs raises from its Future (bounded by its timeout); none
-    outlives the session."""
+    SESSION_RUNS = {test node name: call(folder, tiny_voc)}, in the order of their tests (those of a module that sets
+    SESSION_RUNS_START_FIRST first), which run last (pytest_collection_modifyitems). A run that fails or hangs
+    raises from its Future (bounded by its timeout); none outlives the session."""
     calls = {}
     if any("two_process_reference_run" in item.fixturenames for item in request.session.items):
         calls[(__name__, "two_process_reference_run")] = two_process_reference
-    for item in filter(reads_a_session_run, request.session.items):
+    # A module whose one run is long starts it first: last, it would leave the session's end on one CPU.
+    for item in sorted(filter(reads_a_session_run, request.session.items),
+                       key=lambda item: not getattr(item.module, "SESSION_RUNS_START_FIRST", False)):
         calls[(item.module.__name__, item.name)] = item.module.SESSION_RUNS[item.name]
     if not calls:
         yield {}
