@@ -299,14 +299,17 @@ def output_folder(path: str | None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world_size, _, device = init_distributed(force_cpu=args.cpu)
-    with output_folder(args.save_dir):
-        checkpoint, why = (args.checkpoint, None) if args.checkpoint is not None else run_checkpoint(args.exp_dir)
-        model, cfg, state = load_trained_model(checkpoint, device, args.data_root)
-        picked = f"checkpoint {checkpoint}" + (f" (epoch {state['epoch']})" if "epoch" in state else "")
-        if why is not None:
-            picked += f", {why}"
-        evaluate_or_predict(args, model, cfg, device, rank, world_size, picked)
-    cleanup()
+    # The process group is left on every way out: left to the interpreter's exit, gloo could abort the process.
+    try:
+        with output_folder(args.save_dir):
+            checkpoint, why = (args.checkpoint, None) if args.checkpoint is not None else run_checkpoint(args.exp_dir)
+            model, cfg, state = load_trained_model(checkpoint, device, args.data_root)
+            picked = f"checkpoint {checkpoint}" + (f" (epoch {state['epoch']})" if "epoch" in state else "")
+            if why is not None:
+                picked += f", {why}"
+            evaluate_or_predict(args, model, cfg, device, rank, world_size, picked)
+    finally:
+        cleanup()
 
 
 def evaluate_or_predict(args, model, cfg: dict, device: torch.device, rank: int, world_size: int,

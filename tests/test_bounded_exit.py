@@ -521,20 +521,20 @@ def run_id(run: tuple) -> str:
     return "-".join(map(str, run[1:3])) if run[0] is train_on_spoiled_data else str(run[1])
 
 
-def session_runs(test: str, runs: list, ids=run_id) -> dict:
+def session_runs_of(test: str, runs: list, ids=run_id) -> dict:
     """SESSION_RUNS entries of a test parametrized by `runs` (its `run` parameter, with `ids`)."""
     return {f"{test}[{ids(run)}]": lambda base, tiny_voc, run=run: run[0](base, *run[1:]) for run in runs}
 
 
-SESSION_RUNS = {  # the longest first
-    **session_runs("test_a_peer_killed_mid_run_ends_the_torchrun_run", [PEER_RUN], ids=lambda run: "2 processes"),
-    **session_runs("test_a_data_error_met_by_loader_workers_ends_a_torchrun_run", TORCHRUN_RUNS),
-    **session_runs("test_a_data_error_met_by_eval_workers_ends_eval_under_the_launcher",
-                   [EVAL_UNDER_THE_LAUNCHER_RUN]),
-    **session_runs("test_a_killed_launcher_is_noticed_with_the_cpu_saturated", LAUNCHER_RUNS),
-    **session_runs("test_a_signal_while_loader_workers_are_busy_ends_the_run", SIGNAL_RUNS,
-                   ids=lambda run: run[1].name),
-    **session_runs("test_a_data_error_met_by_loader_workers_ends_the_process", PROCESS_RUNS)}
+SESSION_RUNS = {
+    **session_runs_of("test_a_peer_killed_mid_run_ends_the_torchrun_run", [PEER_RUN], ids=lambda run: "2 processes"),
+    **session_runs_of("test_a_data_error_met_by_loader_workers_ends_a_torchrun_run", TORCHRUN_RUNS),
+    **session_runs_of("test_a_data_error_met_by_eval_workers_ends_eval_under_the_launcher",
+                      [EVAL_UNDER_THE_LAUNCHER_RUN]),
+    **session_runs_of("test_a_killed_launcher_is_noticed_with_the_cpu_saturated", LAUNCHER_RUNS),
+    **session_runs_of("test_a_signal_while_loader_workers_are_busy_ends_the_run", SIGNAL_RUNS,
+                      ids=lambda run: run[1].name),
+    **session_runs_of("test_a_data_error_met_by_loader_workers_ends_the_process", PROCESS_RUNS)}
 
 
 @pytest.mark.parametrize("run", PROCESS_RUNS, ids=run_id)

@@ -260,3 +260,14 @@ def test_an_error_under_torchrun_is_printed_once(session_run):
     missing, result = session_run
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {missing}: no such checkpoint file"]
+
+
+def test_the_process_group_is_left_on_a_failure_too(tmp_path, monkeypatch):
+    """As the trainer's (test_trainer.py): a failure after the join leaves the process group, here a missing
+    checkpoint."""
+    left = []
+    monkeypatch.setattr(eval_cli, "init_distributed", lambda force_cpu: (0, 2, 0, torch.device("cpu")))
+    monkeypatch.setattr(eval_cli, "cleanup", lambda: left.append(True))
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        eval_cli.main(["--checkpoint", str(tmp_path / "absent.pth"), "--cpu"])
+    assert left == [True]
