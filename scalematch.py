@@ -493,17 +493,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg, cif_note = without_idle_cif(load_config(args.config, args.overrides))
     rank, world_size, local_rank, device = init_distributed(force_cpu=args.cpu)
-    # The process group is left on every way out: left to the interpreter's exit, gloo could abort the process.
-    try:
-        with StopSignal() as stop:
-            check_batch_size(cfg, world_size, device.type)
-            run_dir = run_directory(cfg, args.overrides)
-            # The teardown ends before the directory is released, so no worker outlives the lock or a start-up
-            # clean-up.
-            with claimed_run_directory(run_dir, rank == 0, START_UP_ERRORS) as notes, Teardown() as teardown:
-                train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, *notes], teardown)
-    finally:
-        cleanup()
+    with StopSignal() as stop:
+        check_batch_size(cfg, world_size, device.type)
+        run_dir = run_directory(cfg, args.overrides)
+        # The teardown ends before the directory is released, so no worker outlives the lock or a start-up clean-up.
+        with claimed_run_directory(run_dir, rank == 0, START_UP_ERRORS) as notes, Teardown() as teardown:
+            train(cfg, run_dir, rank, world_size, local_rank, device, stop, [cif_note, *notes], teardown)
+    cleanup()
 
 
 def cli(argv=None) -> int:

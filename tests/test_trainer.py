@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import scalematch
+import util.lifecycle
 from model import build_model
 from util.config import validate
 
@@ -210,7 +211,7 @@ def test_the_process_group_is_left_on_a_failure_too(tiny_voc, tmp_path, monkeypa
     two CPU processes, must leave it."""
     left = []
     monkeypatch.setattr(scalematch, "init_distributed", lambda force_cpu: (0, 2, 0, torch.device("cpu")))
-    monkeypatch.setattr(scalematch, "cleanup", lambda: left.append(True))
+    monkeypatch.setattr(util.lifecycle, "cleanup", lambda: left.append(True))
     data_root, splits_dir = tiny_voc
     code = scalematch.cli(["--config", "configs/pascal.yaml", "--cpu", "split=tiny", "batch_size=1",
                            f"data_root={data_root}", f"splits_dir={splits_dir}", f"exp_dir={tmp_path}"])

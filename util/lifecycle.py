@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from util.checkpoint import CheckpointError
-from util.dist import all_reduce_sum, broadcast_from_main, report_failure, under_torchrun, watch_launcher
+from util.dist import all_reduce_sum, broadcast_from_main, cleanup, report_failure, under_torchrun, watch_launcher
 from util.run_dir import (RunDirectoryError, directories_to_create, lock_run_directory, release_run_directory,
                           remove_stale_temporaries, remove_unstarted_run)
 
@@ -198,4 +198,16 @@ def exit_code(main, argv, bad_input: tuple) -> int:
             raise
         report_failure(f"error: {error.filename}: {error.strerror}")
         return 2
+    finally:
+        leave_the_process_group()
     return 0
+
+
+def leave_the_process_group() -> None:
+    """Leave it on every way out, once the failure is told (its telling asks whether there is a group): left to
+    the interpreter's exit, gloo could abort the process (exit 134 instead of the failure's own code). A group
+    whose peer has gone may fail to close; the exit code stands."""
+    try:
+        cleanup()
+    except RuntimeError:
+        pass
