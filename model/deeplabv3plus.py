@@ -70,7 +70,6 @@ class DeepLabV3Plus(nn.Module):
                  head_channels: int = HEAD_CHANNELS) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head_channels = head_channels
         low_channels, high_channels = backbone.channels[0], backbone.channels[-1]
         self.aspp = ASPP(high_channels, dilations, head_channels)
         self.reduce = _conv_bn_relu(low_channels, LOW_LEVEL_CHANNELS)

@@ -81,7 +81,7 @@ class Setup:
     warmup: int
     quick: bool
     nclass: int = NCLASS
-    head_channels: int = SCHEMA["head_channels"].default
+    head_channels: int = SCHEMA["head_channels"].default  # the release's
     image_scales: tuple[float, ...] = ()
     scale_groups: tuple[tuple[float, ...], ...] = SCALE_GROUPS
     amp_dtype: torch.dtype | None = None
@@ -792,9 +792,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
                   steps=args.steps or (1 if quick else 5),
                   warmup=1 if quick or not gpu else 2,
                   quick=quick,
-                  nclass=PASCAL_NCLASS if gpu and not quick else NCLASS)
-    if quick:
-        setup.head_channels = 32
+                  nclass=PASCAL_NCLASS if gpu and not quick else NCLASS,
+                  head_channels=32 if quick else SCHEMA["head_channels"].default)
     setup.amp_dtype = scalematch.autocast_dtype(setup.config(), device)
     # --quick keeps two image scales and one multi-scale group: enough to run every code path.
     setup.image_scales = (0.5, 2.0) if quick else tuple(setup.config()["img_scales"])

@@ -159,16 +159,13 @@ def concurrently(calls: dict) -> dict:
     return futures
 
 
-def start_runs(request, tmp_path_factory, calls: dict, key=lambda item: item.name) -> dict:
-    """{key: Future} of the calls {key: call(folder)} that the tests of request's module this session runs need
-    (key(item): a test's node name by default), started concurrently() in calls' order, each with an empty folder
-    named after its first test: a run whose tests are deselected (-k) is not started."""
-    tests = {}
-    for item in request.session.items:
-        if item.module is request.module:
-            tests.setdefault(key(item), item.name)
-    return concurrently({run: partial(call, tmp_path_factory.mktemp(re.sub(r"\W", "_", tests[run])))
-                         for run, call in calls.items() if run in tests})
+def start_runs(request, tmp_path_factory, calls: dict) -> dict:
+    """{test node name: Future} of the calls {test node name: call(folder)} of the tests of request's module that
+    this session runs, started concurrently() in calls' order, each with an empty folder named after its test: a run
+    whose test is deselected (-k) is not started."""
+    tests = {item.name for item in request.session.items if item.module is request.module}
+    return concurrently({name: partial(call, tmp_path_factory.mktemp(re.sub(r"\W", "_", name)))
+                         for name, call in calls.items() if name in tests})
 
 
 def train_command(tiny_voc, exp_dir, ngpus, *overrides):
